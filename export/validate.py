@@ -1,0 +1,93 @@
+"""Export-time validation: the ONNX graph against the PyTorch reference on padded batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from m3rt.backends.onnxruntime import OnnxRuntimeBackend
+from m3rt.export.reference import M3Reference
+from m3rt.manifest import OUTPUT_NAMES
+from m3rt.scheduler import pad_batch
+from m3rt.tokenizer import M3Tokenizer
+
+
+class ValidationError(Exception):
+    """The exported graph deviates from the reference beyond tolerance."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    min_cosine: float = 0.99999
+    max_abs_diff: float = 1e-3
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine; two zero rows count as identical."""
+    dot = (a * b).sum(-1)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.where(norms > 0, dot / np.maximum(norms, 1e-30), np.where(np.abs(a - b).max(-1) == 0, 1.0, 0.0))
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.min_cos = 1.0
+
+    def add(self, got: np.ndarray, want: np.ndarray) -> None:
+        if got.size == 0:
+            return
+        self.max_abs = max(self.max_abs, float(np.abs(got - want).max()))
+        self.min_cos = min(self.min_cos, float(_cosines(got, want).min()))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"max_abs_diff": self.max_abs, "min_cosine": self.min_cos}
+
+
+def compare_with_reference(
+    reference: M3Reference,
+    graph_path: Path,
+    tokenizer_path: Path,
+    texts: list[str],
+    pad_id: int,
+    max_length: int = 512,
+    batch_size: int = 4,
+) -> dict[str, object]:
+    """Per-head max abs difference and min cosine over real (unpadded) positions.
+
+    Texts run in input order in batches of `batch_size`, so most rows are padded.
+    """
+    backend = OnnxRuntimeBackend(graph_path)
+    ids = M3Tokenizer(tokenizer_path).encode(texts, max_length=max_length).ids
+    stats = {name: _Stats() for name in OUTPUT_NAMES}
+    for start in tqdm(range(0, len(ids), batch_size), desc="validate vs PyTorch", leave=False):
+        batch = pad_batch(ids, np.arange(start, min(start + batch_size, len(ids))), pad_id)
+        got = backend.run(batch.input_ids, batch.attention_mask, OUTPUT_NAMES)
+        with torch.no_grad():
+            want = reference(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+        want = dict(zip(OUTPUT_NAMES, (w.numpy() for w in want)))
+        for row, n in enumerate(batch.attention_mask.sum(1)):
+            stats["dense_vecs"].add(got["dense_vecs"][row : row + 1], want["dense_vecs"][row : row + 1])
+            stats["sparse_weights"].add(got["sparse_weights"][row : row + 1, :n], want["sparse_weights"][row : row + 1, :n])
+            stats["colbert_vecs"].add(got["colbert_vecs"][row, : n - 1], want["colbert_vecs"][row, : n - 1])
+    return {
+        "texts": len(texts),
+        "max_tokens": int(max(len(x) for x in ids)),
+        "batch_size": batch_size,
+        "heads": {name: s.as_dict() for name, s in stats.items()},
+    }
+
+
+def check_tolerance(figures: dict[str, object], tol: Tolerance, what: str) -> None:
+    failures = [
+        f"{name}: max abs diff {h['max_abs_diff']:.3g} (limit {tol.max_abs_diff:g}), "
+        f"min cosine {h['min_cosine']:.7f} (limit {tol.min_cosine})"
+        for name, h in figures["heads"].items()
+        if h["max_abs_diff"] > tol.max_abs_diff or h["min_cosine"] < tol.min_cosine
+    ]
+    if failures:
+        raise ValidationError(f"{what} deviates from the PyTorch reference:\n  " + "\n  ".join(failures))

@@ -1,0 +1,52 @@
+"""ONNX Runtime backend (CPU execution provider)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from m3rt.errors import ArtifactError, BackendError
+from m3rt.manifest import INPUT_NAMES, OUTPUT_NAMES
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        graph_path: Path,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = int(intra_op_threads)
+        providers = list(providers or ["CPUExecutionProvider"])
+        try:
+            self._session = ort.InferenceSession(str(graph_path), options, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ArtifactError(f"ONNX Runtime cannot load {graph_path}: {exc}") from exc
+        names_in = tuple(i.name for i in self._session.get_inputs())
+        names_out = {o.name for o in self._session.get_outputs()}
+        if names_in != INPUT_NAMES or not set(OUTPUT_NAMES) <= names_out:
+            raise ArtifactError(
+                f"{graph_path} has inputs {names_in} and outputs {sorted(names_out)}; "
+                f"expected {INPUT_NAMES} and {OUTPUT_NAMES}"
+            )
+        self.providers = self._session.get_providers()
+
+    def run(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        try:
+            values = self._session.run(list(outputs), feeds)
+        except Exception as exc:
+            raise BackendError(
+                f"ONNX Runtime failed on a batch of shape {tuple(input_ids.shape)}: {exc}"
+            ) from exc
+        return {name: np.asarray(v, dtype=np.float32) for name, v in zip(outputs, values)}

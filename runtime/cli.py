@@ -1,0 +1,83 @@
+"""`m3rt`: encode texts with an artifact, or inspect one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from m3rt.errors import M3Error
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from m3rt.model import M3Model
+
+    model = M3Model.load(args.artifact, verify=not args.no_verify)
+    out = model.encode(args.texts, max_length=args.max_length, return_dense=True, return_sparse=True,
+                       return_colbert_vecs=True)
+    for text, dense, lexical, colbert in zip(args.texts, out["dense_vecs"], out["lexical_weights"], out["colbert_vecs"]):
+        top = sorted(lexical.items(), key=lambda kv: -kv[1])[: args.top]
+        tokens = ", ".join(f"{model.tokenizer.decode_id(int(k))!r}:{float(w):.3f}" for k, w in top)
+        print(f"text: {text[:70]!r}")
+        print(f"  dense   norm {float(np.linalg.norm(dense)):.6f}  dim {dense.shape[0]}")
+        print(f"  sparse  {len(lexical)} tokens; top {len(top)}: {tokens}")
+        print(f"  colbert shape {tuple(colbert.shape)}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from m3rt.manifest import load_manifest
+
+    manifest = load_manifest(args.artifact, verify=not args.no_verify)
+    data = manifest.data
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    model = data["model"]
+    print(f"artifact {manifest.root}  (format {data['format_version']}, created {data['created']})")
+    print(f"source   {data['source'].get('model')} [{data['source'].get('kind')}]")
+    print(f"model    {model['num_hidden_layers']} layers x {model['hidden_size']}, vocab {model['vocab_size']}, "
+          f"max length {model['max_length']}")
+    print(f"specials {data['special_tokens']}")
+    for name, graph in data["graphs"].items():
+        heads = graph["validation"]["heads"]
+        worst = min(h["min_cosine"] for h in heads.values())
+        print(f"graph    {name}: {graph['file']} opset {graph['opset']}, validated min cosine {worst:.8f}")
+    for name, rec in data["files"].items():
+        print(f"file     {name:20s} {rec['size']:>14,d} B  sha256 {rec['sha256'][:16]}...")
+    print("verified: all files match the manifest" if not args.no_verify else "not verified (--no-verify)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m3rt", description="BGE-M3 inference on an m3rt artifact")
+    sub = parser.add_subparsers(dest="command", required=True)
+    enc = sub.add_parser("encode", help="encode texts and summarise the three outputs")
+    enc.add_argument("artifact", type=Path)
+    enc.add_argument("texts", nargs="+")
+    enc.add_argument("--max-length", type=int, default=8192)
+    enc.add_argument("--top", type=int, default=8, help="how many top sparse tokens to show")
+    enc.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact")
+    enc.set_defaults(func=_encode)
+    ins = sub.add_parser("inspect", help="show and verify an artifact's manifest")
+    ins.add_argument("artifact", type=Path)
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--no-verify", action="store_true")
+    ins.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except M3Error as exc:
+        print(f"m3rt: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

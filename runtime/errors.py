@@ -1,0 +1,23 @@
+"""Exceptions m3rt raises on purpose, so callers can tell bad input from a broken artifact."""
+
+from __future__ import annotations
+
+
+class M3Error(Exception):
+    """Base class of every error m3rt raises deliberately."""
+
+
+class ArtifactError(M3Error):
+    """The artifact directory is missing, incomplete, corrupted or of an unknown format."""
+
+
+class InputError(M3Error, ValueError):
+    """An encode/score argument is invalid (wrong type, empty where not allowed, out of range)."""
+
+
+class InputTooLongError(InputError):
+    """A text exceeds max_length tokens and truncation was disabled."""
+
+
+class BackendError(M3Error):
+    """The inference backend failed on well-formed input (out of memory, provider failure)."""

@@ -1,0 +1,336 @@
+"""`M3Model`: loads an artifact directory and offers FlagEmbedding's `BGEM3FlagModel` surface."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from m3rt.backends import Backend, create_backend
+from m3rt.errors import InputError
+from m3rt.kernels import SparseRows, aggregate_sparse, split_colbert
+from m3rt.manifest import Manifest, load_manifest
+from m3rt.scheduler import iter_batches
+from m3rt.scoring import colbert_score, combine_scores, lexical_matching_score, lexical_matching_scores
+from m3rt.tokenizer import M3Tokenizer
+
+SparseFormat = Literal["dict", "csr", "scipy"]
+
+# FlagEmbedding drops exactly these from lexical weights (`<mask>` is not among them).
+_UNUSED_SPECIALS = ("cls", "eos", "pad", "unk")
+
+
+def _as_texts(sentences: Any, what: str = "sentences") -> tuple[list[str], bool]:
+    """Validate the input; returns (texts, was_single_string)."""
+    if isinstance(sentences, str):
+        return [sentences], True
+    if sentences is None:
+        raise InputError(f"{what} is None; pass a string or a list of strings")
+    if isinstance(sentences, (bytes, bytearray)):
+        raise InputError(f"{what} is bytes; decode it to str first (e.g. data.decode('utf-8'))")
+    if isinstance(sentences, dict) or not hasattr(sentences, "__iter__"):
+        raise InputError(f"{what} must be a string or a list of strings, got {type(sentences).__name__}")
+    texts = list(sentences)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            hint = " (decode bytes to str first)" if isinstance(text, (bytes, bytearray)) else ""
+            raise InputError(f"{what}[{index}] is {type(text).__name__}, not str{hint}")
+    return texts, False
+
+
+def _check_positive_int(name: str, value: Any, upper: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise InputError(f"{name} must be >= 1, got {value}")
+    if upper is not None and value > upper:
+        raise InputError(f"{name}={value} exceeds this model's limit of {upper}")
+    return int(value)
+
+
+class M3Model:
+    """BGE-M3 on an exported artifact. Thread-safe for concurrent `encode` calls.
+
+    Defaults follow FlagEmbedding's `BGEM3FlagModel` except `passage_max_length`, which is the
+    model's full 8192 tokens (FlagEmbedding 1.4 uses 512; pass 512 for identical truncation).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        backend: Backend,
+        tokenizer: M3Tokenizer,
+        *,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 8192,
+        token_budget: int = 8192,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+    ) -> None:
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.max_length = manifest.max_length
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.query_max_length = self._check_max_length(query_max_length)
+        self.passage_max_length = self._check_max_length(passage_max_length)
+        self.token_budget = _check_positive_int("token_budget", token_budget)
+        self.return_dense = return_dense
+        self.return_sparse = return_sparse
+        self.return_colbert_vecs = return_colbert_vecs
+        specials = manifest.special_tokens
+        self.pad_id = specials["pad"]
+        self.unused_ids = tuple(sorted({specials[k] for k in _UNUSED_SPECIALS if k in specials}))
+        self._tokenizer_lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        verify: bool = True,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+        **options: Any,
+    ) -> M3Model:
+        """Load an artifact directory written by `m3-export`.
+
+        `verify` checks every file against the manifest's sizes and sha256 first.
+        """
+        manifest = load_manifest(path, verify=verify)
+        engine = create_backend(
+            backend, manifest.graph_path(precision), providers=providers, intra_op_threads=intra_op_threads
+        )
+        return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), **options)
+
+    # ------------------------------------------------------------------ encoding
+
+    def _check_max_length(self, value: Any) -> int:
+        value = _check_positive_int("max_length", value, upper=self.max_length)
+        if value < 2:
+            raise InputError("max_length must be >= 2: it counts <s> and </s>")
+        return value
+
+    def _tokenize(self, texts: list[str], max_length: int, truncate: bool) -> list[np.ndarray]:
+        with self._tokenizer_lock:
+            return self.tokenizer.encode(texts, max_length=max_length, truncate=truncate).ids
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        return_dense: bool | None = None,
+        return_sparse: bool | None = None,
+        return_colbert_vecs: bool | None = None,
+        *,
+        truncate: bool = True,
+        sparse_format: SparseFormat = "dict",
+        show_progress: bool | None = None,
+        **_flag_embedding_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Encode texts; returns FlagEmbedding's dict (`dense_vecs`, `lexical_weights`, `colbert_vecs`).
+
+        A single string returns un-batched values. Texts longer than `max_length` tokens are
+        truncated like FlagEmbedding, or raise InputTooLongError with `truncate=False`.
+        `sparse_format` "csr" returns a `SparseRows`, "scipy" a `scipy.sparse.csr_matrix`.
+        """
+        texts, single = _as_texts(sentences)
+        batch_size = _check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        max_length = self._check_max_length(self.passage_max_length if max_length is None else max_length)
+        want_dense = self.return_dense if return_dense is None else return_dense
+        want_sparse = self.return_sparse if return_sparse is None else return_sparse
+        want_colbert = self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs
+        if sparse_format not in ("dict", "csr", "scipy"):
+            raise InputError(f"sparse_format must be 'dict', 'csr' or 'scipy', got {sparse_format!r}")
+        if single and sparse_format != "dict":
+            raise InputError("sparse_format 'csr'/'scipy' needs a list of texts")
+
+        outputs = [
+            name
+            for name, wanted in (
+                ("dense_vecs", want_dense),
+                ("sparse_weights", want_sparse),
+                ("colbert_vecs", want_colbert),
+            )
+            if wanted
+        ]
+        ids = self._tokenize(texts, max_length, truncate)
+        dense, sparse, colbert = self._run(ids, batch_size, outputs, show_progress)
+
+        result: dict[str, Any] = {"dense_vecs": None, "lexical_weights": None, "colbert_vecs": None}
+        if want_dense:
+            result["dense_vecs"] = dense[0] if single else dense
+        if want_sparse:
+            if sparse_format == "csr":
+                result["lexical_weights"] = sparse
+            elif sparse_format == "scipy":
+                result["lexical_weights"] = sparse.to_scipy(int(self.manifest.data["model"]["vocab_size"]))
+            else:
+                dicts = sparse.to_dicts()
+                result["lexical_weights"] = dicts[0] if single else dicts
+        if want_colbert:
+            result["colbert_vecs"] = colbert[0] if single else colbert
+        return result
+
+    def _run(
+        self, ids: list[np.ndarray], batch_size: int, outputs: list[str], show_progress: bool | None
+    ) -> tuple[np.ndarray | None, SparseRows | None, list[np.ndarray] | None]:
+        n = len(ids)
+        dense = np.zeros((n, self.manifest.hidden_size), dtype=np.float32) if "dense_vecs" in outputs else None
+        sparse_parts: list[SparseRows] = []
+        sparse_order: list[np.ndarray] = []
+        colbert: list[np.ndarray | None] | None = [None] * n if "colbert_vecs" in outputs else None
+        if not outputs or n == 0:
+            return dense, (SparseRows.concat([]) if "sparse_weights" in outputs else None), colbert
+
+        total_tokens = int(sum(len(x) for x in ids))
+        progress = tqdm(
+            total=total_tokens,
+            unit="tok",
+            desc="m3rt encode",
+            disable=(total_tokens < 100_000) if show_progress is None else not show_progress,
+        )
+        with progress:
+            for batch in iter_batches(ids, batch_size, self.token_budget, self.pad_id):
+                values = self.backend.run(batch.input_ids, batch.attention_mask, outputs)
+                if dense is not None:
+                    dense[batch.indices] = values["dense_vecs"]
+                if "sparse_weights" in values:
+                    sparse_parts.append(
+                        aggregate_sparse(values["sparse_weights"], batch.input_ids, batch.attention_mask, self.unused_ids)
+                    )
+                    sparse_order.append(batch.indices)
+                if colbert is not None:
+                    for index, vecs in zip(batch.indices, split_colbert(values["colbert_vecs"], batch.attention_mask)):
+                        colbert[index] = vecs
+                progress.update(int(batch.attention_mask.sum()))
+
+        sparse = None
+        if sparse_parts:
+            # Rows come in length order; invert that permutation to restore input order.
+            position = np.empty(n, dtype=np.int64)
+            position[np.concatenate(sparse_order)] = np.arange(n)
+            sparse = SparseRows.concat(sparse_parts).take(position)
+        return dense, sparse, colbert
+
+    def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
+                       max_length: int | None = None, **kwargs: Any) -> dict[str, Any]:
+        return self.encode(queries, batch_size=batch_size,
+                           max_length=self.query_max_length if max_length is None else max_length, **kwargs)
+
+    def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
+                      max_length: int | None = None, **kwargs: Any) -> dict[str, Any]:
+        return self.encode(corpus, batch_size=batch_size,
+                           max_length=self.passage_max_length if max_length is None else max_length, **kwargs)
+
+    # ------------------------------------------------------------------ scoring
+
+    def compute_lexical_matching_score(self, lexical_weights_1, lexical_weights_2):
+        return lexical_matching_scores(lexical_weights_1, lexical_weights_2)
+
+    def colbert_score(self, q_reps: np.ndarray, p_reps: np.ndarray) -> np.float32:
+        return colbert_score(q_reps, p_reps)
+
+    def compute_score(
+        self,
+        sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
+        batch_size: int | None = None,
+        max_query_length: int | None = None,
+        max_passage_length: int | None = None,
+        weights_for_different_modes: list[float] | None = None,
+        **_flag_embedding_kwargs: Any,
+    ) -> dict[str, list[float]] | dict[str, float] | list:
+        """Dense, sparse, ColBERT and combined scores per (query, passage) pair, as FlagEmbedding."""
+        if isinstance(sentence_pairs, list) and len(sentence_pairs) == 0:
+            return []
+        if sentence_pairs is None or isinstance(sentence_pairs, (str, bytes)):
+            raise InputError("sentence_pairs must be a (query, passage) pair or a list of pairs")
+        pairs = list(sentence_pairs)
+        single = len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
+        if single:
+            pairs = [tuple(pairs)]
+        for index, pair in enumerate(pairs):
+            if isinstance(pair, (str, bytes)) or len(pair) != 2:
+                raise InputError(f"sentence_pairs[{index}] is not a (query, passage) pair")
+        batch_size = _check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        q_len = self.query_max_length if max_query_length is None else max_query_length
+        p_len = self.passage_max_length if max_passage_length is None else max_passage_length
+        everything = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
+        queries = self.encode([p[0] for p in pairs], batch_size=batch_size, max_length=q_len, **everything)
+        passages = self.encode([p[1] for p in pairs], batch_size=batch_size, max_length=p_len, **everything)
+
+        n = len(pairs)
+        dense = np.einsum("ij,ij->i", queries["dense_vecs"], passages["dense_vecs"]).astype(np.float32)
+        sparse = np.array(
+            [lexical_matching_score(q, p) for q, p in zip(queries["lexical_weights"], passages["lexical_weights"])],
+            dtype=np.float32,
+        )
+        # FlagEmbedding pads passages per chunk of batch_size pairs: shorter ones see zero rows.
+        p_counts = np.array([len(v) for v in passages["colbert_vecs"]])
+        padded = np.zeros(n, dtype=bool)
+        for start in range(0, n, batch_size):
+            chunk = slice(start, start + batch_size)
+            padded[chunk] = p_counts[chunk] < p_counts[chunk].max()
+        colbert = np.array(
+            [
+                colbert_score(q, p, padded_passage=bool(pad))
+                for q, p, pad in zip(queries["colbert_vecs"], passages["colbert_vecs"], padded)
+            ],
+            dtype=np.float32,
+        )
+        scores = combine_scores(dense, sparse, colbert, weights_for_different_modes)
+        if single:
+            return {k: float(v[0]) for k, v in scores.items()}
+        return {k: v.astype(np.float32).tolist() for k, v in scores.items()}
+
+    # ------------------------------------------------------------------ tokens
+
+    def convert_id_to_token(self, lexical_weights):
+        """Replace token-id keys by their decoded strings (colliding strings overwrite, as upstream)."""
+        items = [lexical_weights] if isinstance(lexical_weights, dict) else lexical_weights
+        converted = [{self.tokenizer.decode_id(int(k)): w for k, w in item.items()} for item in items]
+        return converted[0] if len(converted) == 1 else converted
+
+
+class BGEM3FlagModel(M3Model):
+    """Drop-in for `FlagEmbedding.BGEM3FlagModel(path, ...)` on an m3rt artifact.
+
+    Keeps FlagEmbedding 1.4's defaults (512-token queries and passages); device and precision
+    arguments of the original are accepted and ignored (the artifact decides precision).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | Path,
+        *,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        **_ignored: Any,
+    ) -> None:
+        loaded = M3Model.load(model_name_or_path, backend=backend, precision=precision)
+        super().__init__(
+            loaded.manifest,
+            loaded.backend,
+            loaded.tokenizer,
+            batch_size=batch_size,
+            query_max_length=query_max_length,
+            passage_max_length=passage_max_length,
+            return_dense=return_dense,
+            return_sparse=return_sparse,
+            return_colbert_vecs=return_colbert_vecs,
+        )

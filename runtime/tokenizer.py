@@ -1,0 +1,65 @@
+"""Tokenisation with FlagEmbedding's rules: truncation counts `<s>` and `</s>`, no padding here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from m3rt.errors import InputTooLongError
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of each text, un-padded, in input order."""
+
+    ids: list[np.ndarray]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+
+
+class M3Tokenizer:
+    """A thin wrapper over a Hugging Face `tokenizers` file (the artifact's `tokenizer.json`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._tok = Tokenizer.from_file(str(path))
+        # Padding is done by the scheduler per batch; the file's own settings must not interfere.
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self._max_length: int | None = None
+
+    def _set_max_length(self, max_length: int) -> None:
+        if self._max_length != max_length:
+            self._tok.enable_truncation(max_length=max_length, stride=0, strategy="longest_first")
+            self._max_length = max_length
+
+    def encode(self, texts: Sequence[str], max_length: int, truncate: bool = True) -> Encoded:
+        """Tokenise `texts` to at most `max_length` ids each, specials included.
+
+        With `truncate=False` a text that does not fit raises InputTooLongError naming it.
+        """
+        self._set_max_length(max_length)
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
+        if not truncate:
+            for index, enc in enumerate(encodings):
+                if enc.overflowing:
+                    raise InputTooLongError(
+                        f"text {index} is longer than max_length={max_length} tokens (special tokens "
+                        "included); shorten it, raise max_length, or pass truncate=True"
+                    )
+        return Encoded(ids=[np.asarray(enc.ids, dtype=np.int64) for enc in encodings])
+
+    def decode_id(self, token_id: int) -> str:
+        return self._tok.decode([int(token_id)], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)

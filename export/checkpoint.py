@@ -14,8 +14,12 @@ from m3rt.export.reference import M3Reference
 from m3rt.manifest import file_record
 
 HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.pt", "sentencepiece.bpe.model"]
 
 

@@ -16,9 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a BGE-M3 checkpoint to one ONNX graph (dense, sparse and ColBERT heads), "
         "validated against PyTorch, with a manifest (m3rt.json).",
     )
-    parser.add_argument("--model", required=True,
-                        help="local checkpoint dir, hub id (e.g. BAAI/bge-m3, from the HF cache when offline), "
-                        "or synthetic:tiny / synthetic:full (random weights, real layout)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="local checkpoint dir, hub id (e.g. BAAI/bge-m3, from the HF cache when offline), "
+        "or synthetic:tiny / synthetic:full (random weights, real layout)",
+    )
     parser.add_argument("--output", required=True, type=Path, help="artifact directory to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--max-length", type=int, default=8192, help="longest input in tokens, <s> and </s> included")
@@ -37,12 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         from m3rt.export.checkpoint import CheckpointError
         from m3rt.export.validate import Tolerance, ValidationError
     except ImportError as exc:
-        print(f"m3-export needs the export extra (torch, transformers, onnx): pip install 'm3rt[export]' ({exc})",
-              file=sys.stderr)
+        print(
+            f"m3-export needs the export extra (torch, transformers, onnx): pip install 'm3rt[export]' ({exc})",
+            file=sys.stderr,
+        )
         return 2
     opts = ExportOptions(
-        model=args.model, output=args.output, opset=args.opset, max_length=args.max_length,
-        tokenizer=args.tokenizer, seed=args.seed, force=args.force,
+        model=args.model,
+        output=args.output,
+        opset=args.opset,
+        max_length=args.max_length,
+        tokenizer=args.tokenizer,
+        seed=args.seed,
+        force=args.force,
         tolerance=Tolerance(min_cosine=args.min_cosine, max_abs_diff=args.max_abs_diff),
     )
     start = time.perf_counter()

@@ -30,9 +30,7 @@ def _trace_inputs(pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def export_graph(
-    reference: M3Reference, out_path: Path, opset: int = DEFAULT_OPSET, pad_id: int = 1
-) -> list[Path]:
+def export_graph(reference: M3Reference, out_path: Path, opset: int = DEFAULT_OPSET, pad_id: int = 1) -> list[Path]:
     """Write `out_path` (plus `out_path.data` when large); returns the files written."""
     ids, mask = _trace_inputs(pad_id)
     out_path = Path(out_path)
@@ -67,9 +65,14 @@ def save_model(model: onnx.ModelProto, out_path: Path) -> list[Path]:
         stale.unlink(missing_ok=True)
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_path.name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(out_path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_path.name,
+            size_threshold=1024,
+        )
         return [out_path, data_path]
     onnx.save_model(model, str(out_path))
     return [out_path]
-

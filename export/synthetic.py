@@ -44,8 +44,15 @@ def write_synthetic_checkpoint(
 
     tok, origin = resolve_tokenizer(tokenizer)
     hf_tok = XLMRobertaTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=8192,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=8192,
     )
     hf_tok.save_pretrained(out)
     (out / "TOKENIZER_SOURCE").write_text(origin + "\n", encoding="utf-8")

@@ -17,8 +17,12 @@ from m3rt.export.samples import sample_texts
 # XLM-R's special tokens and the ids BGE-M3 relies on.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
-HF_CACHE_CANDIDATES = (("BAAI/bge-m3", "tokenizer.json"), ("FacebookAI/xlm-roberta-large", "tokenizer.json"),
-                       ("xlm-roberta-large", "tokenizer.json"), ("xlm-roberta-base", "tokenizer.json"))
+HF_CACHE_CANDIDATES = (
+    ("BAAI/bge-m3", "tokenizer.json"),
+    ("FacebookAI/xlm-roberta-large", "tokenizer.json"),
+    ("xlm-roberta-large", "tokenizer.json"),
+    ("xlm-roberta-base", "tokenizer.json"),
+)
 ENV_TOKENIZER = "M3RT_TOKENIZER_JSON"
 
 

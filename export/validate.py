@@ -71,9 +71,13 @@ def compare_with_reference(
             want = reference(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
         want = dict(zip(OUTPUT_NAMES, (w.numpy() for w in want)))
         for row, n in enumerate(batch.attention_mask.sum(1)):
-            stats["dense_vecs"].add(got["dense_vecs"][row : row + 1], want["dense_vecs"][row : row + 1])
-            stats["sparse_weights"].add(got["sparse_weights"][row : row + 1, :n], want["sparse_weights"][row : row + 1, :n])
-            stats["colbert_vecs"].add(got["colbert_vecs"][row, : n - 1], want["colbert_vecs"][row, : n - 1])
+            real = {
+                "dense_vecs": np.s_[row : row + 1],
+                "sparse_weights": np.s_[row : row + 1, :n],
+                "colbert_vecs": np.s_[row, : n - 1],
+            }
+            for name, where in real.items():
+                stats[name].add(got[name][where], want[name][where])
     return {
         "texts": len(texts),
         "max_tokens": int(max(len(x) for x in ids)),

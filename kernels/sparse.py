@@ -49,9 +49,7 @@ class SparseRows:
             raise ImportError("to_scipy needs scipy: pip install 'm3rt[scipy]'") from exc
         if self.indices.size and int(self.indices.max()) >= vocab_size:
             raise ValueError(f"token id {int(self.indices.max())} does not fit vocab_size={vocab_size}")
-        matrix = csr_matrix(
-            (self.values, self.indices, self.indptr), shape=(self.num_rows, vocab_size), copy=True
-        )
+        matrix = csr_matrix((self.values, self.indices, self.indptr), shape=(self.num_rows, vocab_size), copy=True)
         matrix.sort_indices()
         return matrix
 
@@ -104,6 +102,8 @@ def aggregate_sparse(
         keep &= np.asarray(attention_mask) != 0
 
     row, pos = np.nonzero(keep)  # row-major: positions ascend within a row
+    if row.size == 0:
+        return SparseRows(np.zeros(rows_total + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     ids = input_ids[row, pos].astype(np.int64)
     vals = weights[row, pos].astype(np.float32)
 
@@ -111,7 +111,7 @@ def aggregate_sparse(
     order = np.lexsort((-vals, ids, row))
     row, ids, vals, pos = row[order], ids[order], vals[order], pos[order]
     starts = np.flatnonzero(np.r_[True, (row[1:] != row[:-1]) | (ids[1:] != ids[:-1])])
-    first_pos = np.minimum.reduceat(pos, starts) if starts.size else pos[:0]
+    first_pos = np.minimum.reduceat(pos, starts)
     row, ids, vals = row[starts], ids[starts], vals[starts]
 
     # Back to first-occurrence order within each row.

@@ -16,9 +16,11 @@ def _encode(args: argparse.Namespace) -> int:
     from m3rt.model import M3Model
 
     model = M3Model.load(args.artifact, verify=not args.no_verify)
-    out = model.encode(args.texts, max_length=args.max_length, return_dense=True, return_sparse=True,
-                       return_colbert_vecs=True)
-    for text, dense, lexical, colbert in zip(args.texts, out["dense_vecs"], out["lexical_weights"], out["colbert_vecs"]):
+    out = model.encode(
+        args.texts, max_length=args.max_length, return_dense=True, return_sparse=True, return_colbert_vecs=True
+    )
+    rows = zip(args.texts, out["dense_vecs"], out["lexical_weights"], out["colbert_vecs"])
+    for text, dense, lexical, colbert in rows:
         top = sorted(lexical.items(), key=lambda kv: -kv[1])[: args.top]
         tokens = ", ".join(f"{model.tokenizer.decode_id(int(k))!r}:{float(w):.3f}" for k, w in top)
         print(f"text: {text[:70]!r}")
@@ -39,8 +41,10 @@ def _inspect(args: argparse.Namespace) -> int:
     model = data["model"]
     print(f"artifact {manifest.root}  (format {data['format_version']}, created {data['created']})")
     print(f"source   {data['source'].get('model')} [{data['source'].get('kind')}]")
-    print(f"model    {model['num_hidden_layers']} layers x {model['hidden_size']}, vocab {model['vocab_size']}, "
-          f"max length {model['max_length']}")
+    print(
+        f"model    {model['num_hidden_layers']} layers x {model['hidden_size']}, vocab {model['vocab_size']}, "
+        f"max length {model['max_length']}"
+    )
     print(f"specials {data['special_tokens']}")
     for name, graph in data["graphs"].items():
         heads = graph["validation"]["heads"]

@@ -60,9 +60,7 @@ class Manifest:
 
     def graph_path(self, precision: str) -> Path:
         if precision not in self.graphs:
-            raise ArtifactError(
-                f"{self.root} has no {precision!r} graph; it has: {', '.join(sorted(self.graphs))}"
-            )
+            raise ArtifactError(f"{self.root} has no {precision!r} graph; it has: {', '.join(sorted(self.graphs))}")
         return self.root / self.graphs[precision]["file"]
 
     @property
@@ -81,9 +79,7 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
         raise ArtifactError(f"{root} is not a directory (expected an m3rt artifact made by m3-export)")
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise ArtifactError(
-            f"{root} is not an m3rt artifact: {MANIFEST_NAME} is missing (create one with m3-export)"
-        )
+        raise ArtifactError(f"{root} is not an m3rt artifact: {MANIFEST_NAME} is missing (create one with m3-export)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

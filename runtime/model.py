@@ -205,8 +205,9 @@ class M3Model:
                 if dense is not None:
                     dense[batch.indices] = values["dense_vecs"]
                 if "sparse_weights" in values:
+                    weights = values["sparse_weights"]
                     sparse_parts.append(
-                        aggregate_sparse(values["sparse_weights"], batch.input_ids, batch.attention_mask, self.unused_ids)
+                        aggregate_sparse(weights, batch.input_ids, batch.attention_mask, self.unused_ids)
                     )
                     sparse_order.append(batch.indices)
                 if colbert is not None:
@@ -222,15 +223,25 @@ class M3Model:
             sparse = SparseRows.concat(sparse_parts).take(position)
         return dense, sparse, colbert
 
-    def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
-                       max_length: int | None = None, **kwargs: Any) -> dict[str, Any]:
-        return self.encode(queries, batch_size=batch_size,
-                           max_length=self.query_max_length if max_length is None else max_length, **kwargs)
+    def encode_queries(
+        self, queries: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        return self.encode(
+            queries,
+            batch_size=batch_size,
+            max_length=self.query_max_length if max_length is None else max_length,
+            **kwargs,
+        )
 
-    def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
-                      max_length: int | None = None, **kwargs: Any) -> dict[str, Any]:
-        return self.encode(corpus, batch_size=batch_size,
-                           max_length=self.passage_max_length if max_length is None else max_length, **kwargs)
+    def encode_corpus(
+        self, corpus: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        return self.encode(
+            corpus,
+            batch_size=batch_size,
+            max_length=self.passage_max_length if max_length is None else max_length,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ scoring
 

@@ -47,9 +47,7 @@ def pad_batch(ids: list[np.ndarray], indices: np.ndarray, pad_id: int) -> Batch:
     return Batch(indices=indices, input_ids=input_ids, attention_mask=attention_mask)
 
 
-def iter_batches(
-    ids: list[np.ndarray], batch_size: int, token_budget: int, pad_id: int
-) -> Iterator[Batch]:
+def iter_batches(ids: list[np.ndarray], batch_size: int, token_budget: int, pad_id: int) -> Iterator[Batch]:
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     for indices in plan_batches(lengths, batch_size, token_budget):
         yield pad_batch(ids, indices, pad_id)

@@ -17,9 +17,7 @@ from m3rt.errors import ArtifactError
 class Backend(Protocol):
     name: str
 
-    def run(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Run one padded batch; returns float32 arrays for the requested output names."""
         ...
 

@@ -6,10 +6,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from m3rt.errors import ArtifactError, BackendError
+from m3rt.errors import ArtifactError, BackendError, M3Error
 from m3rt.manifest import INPUT_NAMES, OUTPUT_NAMES
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # the base install leaves the choice of ONNX Runtime package to the user
+    raise M3Error(
+        "ONNX Runtime is not installed: pip install 'm3rt[cpu]' (or 'm3rt[gpu]' on a CUDA machine; "
+        "never both, they overwrite each other)"
+    ) from exc
 
 
 class OnnxRuntimeBackend:
@@ -39,14 +46,10 @@ class OnnxRuntimeBackend:
             )
         self.providers = self._session.get_providers()
 
-    def run(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         try:
             values = self._session.run(list(outputs), feeds)
         except Exception as exc:
-            raise BackendError(
-                f"ONNX Runtime failed on a batch of shape {tuple(input_ids.shape)}: {exc}"
-            ) from exc
+            raise BackendError(f"ONNX Runtime failed on a batch of shape {tuple(input_ids.shape)}: {exc}") from exc
         return {name: np.asarray(v, dtype=np.float32) for name, v in zip(outputs, values)}

@@ -1,0 +1,69 @@
+"""m3-export: checkpoints, failures that must be loud, and the command line."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from m3rt.export.artifact import ExportOptions, export_artifact
+from m3rt.export.checkpoint import CheckpointError, resolve_checkpoint
+from m3rt.export.cli import main as export_main
+from m3rt.export.validate import Tolerance, ValidationError
+
+
+@pytest.mark.parametrize("head", ["colbert_linear.pt", "sparse_linear.pt"])
+def test_missing_head_is_an_error(tiny, tmp_path, head):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny[0], ckpt)
+    (ckpt / head).unlink()
+    with pytest.raises(CheckpointError, match=f"missing: {head}.*random"):
+        resolve_checkpoint(str(ckpt), tmp_path)
+
+
+def test_unknown_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        resolve_checkpoint("BAAI/bge-m3-does-not-exist", tmp_path)
+
+
+def test_validation_failure_is_loud_and_leaves_no_artifact(tiny, tmp_path):
+    out = tmp_path / "out"
+    # An impossible tolerance stands in for a deviating graph: nothing is written, not even partly.
+    with pytest.raises(ValidationError, match="deviates from the PyTorch reference"):
+        export_artifact(ExportOptions(model=str(tiny[0]), output=out, tolerance=Tolerance(max_abs_diff=-1.0)))
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.*")), "staging directory left behind"
+
+
+def test_existing_output_needs_force(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    assert export_main(["--model", str(tiny[0]), "--output", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert export_main(["--model", str(tiny[0]), "--output", str(out), "--force"]) == 0
+    assert not (out / "something").exists() and (out / "m3rt.json").is_file()
+    printed = capsys.readouterr().out
+    assert "dense_vecs" in printed and "min cosine" in printed
+
+
+def test_synthetic_spec_exports_directly(tmp_path):
+    out = tmp_path / "synth"
+    assert export_main(["--model", "synthetic:tiny", "--output", str(out), "--seed", "3"]) == 0
+    import json
+
+    source = json.loads((out / "m3rt.json").read_text())["source"]
+    assert source["kind"] == "synthetic" and source["seed"] == 3 and source["model"] == "synthetic:tiny"
+
+
+def test_bad_synthetic_size(tmp_path, capsys):
+    assert export_main(["--model", "synthetic:huge", "--output", str(tmp_path / "x")]) == 1
+    assert "unknown synthetic size" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "m3rt.export.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--max-length" in result.stdout
+    assert shutil.which("m3-export") and shutil.which("m3rt")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -64,6 +65,15 @@ def _special_tokens(tokenizer_path: Path) -> dict[str, int]:
     if missing:
         raise ValueError(f"{tokenizer_path} lacks the special tokens {missing}")
     return {k: v for k, v in found.items() if v is not None}
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp and onnx's external-data writer create owner-only modes; an artifact is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def export_artifact(opts: ExportOptions) -> dict[str, Any]:
@@ -156,6 +166,7 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
             manifest["files"] = {p.name: file_record(p) for p in files}
             (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             steps.update()
+        _make_readable(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -11,10 +11,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from m3rt.backends import Backend, create_backend
-from m3rt.errors import InputError
+from m3rt.errors import BackendError, InputError
 from m3rt.kernels import SparseRows, aggregate_sparse, split_colbert
 from m3rt.manifest import Manifest, load_manifest
-from m3rt.scheduler import iter_batches
+from m3rt.scheduler import Batch, iter_batches, pad_batch
 from m3rt.scoring import colbert_score, combine_scores, lexical_matching_score, lexical_matching_scores
 from m3rt.tokenizer import M3Tokenizer
 
@@ -40,6 +40,11 @@ def _as_texts(sentences: Any, what: str = "sentences") -> tuple[list[str], bool]
             hint = " (decode bytes to str first)" if isinstance(text, (bytes, bytearray)) else ""
             raise InputError(f"{what}[{index}] is {type(text).__name__}, not str{hint}")
     return texts, False
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("out of memory", "bad_alloc", "bad allocation", "failed to allocate"))
 
 
 def _check_positive_int(name: str, value: Any, upper: int | None = None) -> int:
@@ -200,20 +205,21 @@ class M3Model:
             disable=(total_tokens < 100_000) if show_progress is None else not show_progress,
         )
         with progress:
-            for batch in iter_batches(ids, batch_size, self.token_budget, self.pad_id):
-                values = self.backend.run(batch.input_ids, batch.attention_mask, outputs)
-                if dense is not None:
-                    dense[batch.indices] = values["dense_vecs"]
-                if "sparse_weights" in values:
-                    weights = values["sparse_weights"]
-                    sparse_parts.append(
-                        aggregate_sparse(weights, batch.input_ids, batch.attention_mask, self.unused_ids)
-                    )
-                    sparse_order.append(batch.indices)
-                if colbert is not None:
-                    for index, vecs in zip(batch.indices, split_colbert(values["colbert_vecs"], batch.attention_mask)):
-                        colbert[index] = vecs
-                progress.update(int(batch.attention_mask.sum()))
+            for planned in iter_batches(ids, batch_size, self.token_budget, self.pad_id):
+                for batch, values in self._infer(ids, planned, outputs):
+                    rows = batch.indices
+                    if dense is not None:
+                        dense[rows] = values["dense_vecs"]
+                    if "sparse_weights" in values:
+                        weights = values["sparse_weights"]
+                        sparse_parts.append(
+                            aggregate_sparse(weights, batch.input_ids, batch.attention_mask, self.unused_ids)
+                        )
+                        sparse_order.append(rows)
+                    if colbert is not None:
+                        for index, vecs in zip(rows, split_colbert(values["colbert_vecs"], batch.attention_mask)):
+                            colbert[index] = vecs
+                    progress.update(int(batch.attention_mask.sum()))
 
         sparse = None
         if sparse_parts:
@@ -222,6 +228,20 @@ class M3Model:
             position[np.concatenate(sparse_order)] = np.arange(n)
             sparse = SparseRows.concat(sparse_parts).take(position)
         return dense, sparse, colbert
+
+    def _infer(self, ids: list[np.ndarray], batch: Batch, outputs: list[str]) -> list[tuple[Batch, dict]]:
+        """Run a batch; when it does not fit in memory, split it in halves and retry (nothing is lost)."""
+        try:
+            return [(batch, self.backend.run(batch.input_ids, batch.attention_mask, outputs))]
+        except BackendError as exc:
+            if len(batch.indices) == 1 or not _is_out_of_memory(exc):
+                raise
+        half = len(batch.indices) // 2
+        return [
+            result
+            for part in (batch.indices[:half], batch.indices[half:])
+            for result in self._infer(ids, pad_batch(ids, part, self.pad_id), outputs)
+        ]
 
     def encode_queries(
         self, queries: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None, **kwargs: Any

@@ -5,6 +5,8 @@ import pytest
 
 from m3rt import InputError, InputTooLongError, M3Model
 
+from parity import assert_outputs
+
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
 
 
@@ -87,3 +89,45 @@ def test_bad_colbert_shapes(tiny_model):
 def test_invalid_constructor_options(tiny):
     with pytest.raises(InputError, match="token_budget"):
         M3Model.load(tiny[1], token_budget=0)
+
+
+class _MemoryLimitedBackend:
+    """Wraps the real backend; refuses batches over `max_rows` rows the way ONNX Runtime reports OOM."""
+
+    name = "memory-limited"
+
+    def __init__(self, inner, max_rows):
+        self.inner, self.max_rows, self.refused = inner, max_rows, 0
+
+    def run(self, input_ids, attention_mask, outputs):
+        from m3rt import BackendError
+
+        if len(input_ids) > self.max_rows:
+            self.refused += 1
+            raise BackendError("ONNX Runtime failed: Failed to allocate memory for requested buffer")
+        return self.inner.run(input_ids, attention_mask, outputs)
+
+
+def test_out_of_memory_batches_are_split_and_nothing_is_lost(tiny_model, texts):
+    want = tiny_model.encode(texts, **ALL)
+    limited = M3Model(tiny_model.manifest, _MemoryLimitedBackend(tiny_model.backend, 3), tiny_model.tokenizer)
+    got = limited.encode(texts, **ALL)
+    assert limited.backend.refused > 0
+    # Re-padding a split batch may move results by float32 round-off only.
+    assert_outputs(got, want)
+
+
+def test_other_backend_errors_are_not_retried(tiny_model):
+    from m3rt import BackendError
+
+    class Broken:
+        name = "broken"
+        calls = 0
+
+        def run(self, *args):
+            Broken.calls += 1
+            raise BackendError("provider exploded")
+
+    with pytest.raises(BackendError, match="provider exploded"):
+        M3Model(tiny_model.manifest, Broken(), tiny_model.tokenizer).encode(["a", "b", "c"])
+    assert Broken.calls == 1

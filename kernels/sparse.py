@@ -30,10 +30,6 @@ class SparseRows:
     def num_rows(self) -> int:
         return len(self.indptr) - 1
 
-    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = self.indptr[r], self.indptr[r + 1]
-        return self.indices[lo:hi], self.values[lo:hi]
-
     def to_dicts(self) -> list[dict[str, np.float32]]:
         """FlagEmbedding's `lexical_weights`: {str(token_id): np.float32 weight} per row."""
         keys = self.indices.astype(str).tolist()

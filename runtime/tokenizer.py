@@ -18,10 +18,6 @@ class Encoded:
 
     ids: list[np.ndarray]
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
-
 
 class M3Tokenizer:
     """A thin wrapper over a Hugging Face `tokenizers` file (the artifact's `tokenizer.json`)."""
@@ -56,9 +52,6 @@ class M3Tokenizer:
 
     def decode_id(self, token_id: int) -> str:
         return self._tok.decode([int(token_id)], skip_special_tokens=False)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
 
     @property
     def vocab_size(self) -> int:

@@ -56,7 +56,25 @@ def export_graph(reference: M3Reference, out_path: Path, opset: int = DEFAULT_OP
                 dynamo=False,
             )
         model = onnx.load(str(raw), load_external_data=True)
+    inline_initializer_aliases(model)
     return save_model(model, out_path)
+
+
+def inline_initializer_aliases(model: onnx.ModelProto) -> None:
+    """Replace `Identity(initializer)` aliases by their own copy of the initializer.
+
+    The exporter shares identical tensors (e.g. LayerNorm weights that are all ones) through
+    Identity nodes; a weight read by both a kept-fp32 LayerNorm and an fp16 node would then
+    need two types at once, and quantizers expect each MatMul to own its weight.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    aliases = [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    for node in aliases:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[node.input[0]])
+        copy.name = node.output[0]
+        model.graph.initializer.append(copy)
+        model.graph.node.remove(node)
 
 
 def save_model(model: onnx.ModelProto, out_path: Path) -> list[Path]:

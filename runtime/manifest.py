@@ -58,6 +58,10 @@ class Manifest:
     def graphs(self) -> dict[str, dict[str, Any]]:
         return self.data["graphs"]
 
+    @property
+    def engines(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("engines", {})
+
     def graph_path(self, precision: str) -> Path:
         if precision not in self.graphs:
             raise ArtifactError(f"{self.root} has no {precision!r} graph; it has: {', '.join(sorted(self.graphs))}")

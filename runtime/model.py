@@ -108,11 +108,14 @@ class M3Model:
     ) -> M3Model:
         """Load an artifact directory written by `m3-export`.
 
-        `verify` checks every file against the manifest's sizes and sha256 first.
+        `backend`: "onnxruntime", "tensorrt" or "auto" (TensorRT when the artifact has an engine of
+        this precision and TensorRT and a GPU are present). `precision`: "fp32", "fp16" or "int8"
+        (for ONNX Runtime, "int8" is the CPU-fast graph; for TensorRT, the engine built from the
+        explicit Q/DQ graph). `verify` checks every file against the manifest's sizes and sha256 first.
         """
         manifest = load_manifest(path, verify=verify)
         engine = create_backend(
-            backend, manifest.graph_path(precision), providers=providers, intra_op_threads=intra_op_threads
+            backend, manifest, precision, providers=providers, intra_op_threads=intra_op_threads
         )
         return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), **options)
 

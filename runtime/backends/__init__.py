@@ -1,5 +1,5 @@
 """Inference backends behind one small interface (`Backend`)."""
 
-from m3rt.backends.base import Backend, available_backends, create_backend
+from m3rt.backends.base import BACKENDS, Backend, create_backend
 
-__all__ = ["Backend", "available_backends", "create_backend"]
+__all__ = ["BACKENDS", "Backend", "create_backend"]

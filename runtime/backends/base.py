@@ -6,29 +6,57 @@ The scheduler, tokenizer and post-processing only see this; nothing else knows w
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from m3rt.errors import ArtifactError
+from m3rt.errors import ArtifactError, M3Error
+from m3rt.manifest import Manifest
+
+BACKENDS = ("onnxruntime", "tensorrt", "auto")
 
 
 class Backend(Protocol):
     name: str
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def run(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
         """Run one padded batch; returns float32 arrays for the requested output names."""
         ...
 
 
-def available_backends() -> list[str]:
-    return ["onnxruntime"]
+def _tensorrt_usable() -> bool:
+    from m3rt.backends.tensorrt import import_tensorrt
+    from m3rt.cuda import gpu_unavailable_reason
+
+    try:
+        import_tensorrt()
+    except M3Error:
+        return False
+    return gpu_unavailable_reason() is None
 
 
-def create_backend(name: str, graph_path: Path, **options: Any) -> Backend:
-    if name in ("onnxruntime", "auto"):
-        from m3rt.backends.onnxruntime import OnnxRuntimeBackend
+def create_backend(name: str, manifest: Manifest, precision: str, **options: Any) -> Backend:
+    """`auto` takes the TensorRT engine of this precision when there is one and TensorRT can run it."""
+    if name not in BACKENDS:
+        raise ArtifactError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "tensorrt" if precision in manifest.engines and _tensorrt_usable() else "onnxruntime"
+    if name == "tensorrt":
+        from m3rt.backends.tensorrt import TensorRTBackend
 
-        return OnnxRuntimeBackend(graph_path, **options)
-    raise ArtifactError(f"unknown backend {name!r}; available: {', '.join(available_backends())}")
+        info = manifest.engines.get(precision)
+        if info is None:
+            raise ArtifactError(
+                f"{manifest.root} has no {precision} TensorRT engine; build one on the GPU machine with "
+                f"m3-export --engine (engines here: {', '.join(sorted(manifest.engines)) or 'none'})"
+            )
+        return TensorRTBackend(manifest.root / info["file"], info)
+    from m3rt.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(
+        manifest.graph_path(precision),
+        providers=options.get("providers"),
+        intra_op_threads=options.get("intra_op_threads"),
+    )

@@ -41,6 +41,7 @@ class ExportOptions:
     fp16_outputs: bool = False
     int8: bool = False
     calibration: Path | None = None
+    int8_fp32_layers: tuple[int, ...] | None = None  # None: variants.INT8_FP32_LAYERS
     gates: dict[str, Gate] = field(default_factory=lambda: dict(DEFAULT_GATES))
     allow_degraded: bool = False
     engine: bool | None = None  # None: build engines when TensorRT and a GPU are present
@@ -90,8 +91,15 @@ def _make_readable(directory: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _graph_entry(files: list[Path], precision: str, opset: int, hidden: int, colbert_dim: int,
-                 outputs_dtype: str = "float32", **extra: Any) -> dict[str, Any]:
+def _graph_entry(
+    files: list[Path],
+    precision: str,
+    opset: int,
+    hidden: int,
+    colbert_dim: int,
+    outputs_dtype: str = "float32",
+    **extra: Any,
+) -> dict[str, Any]:
     return {
         "file": files[0].name,
         "files": [p.name for p in files],
@@ -125,8 +133,9 @@ class _Variants:
 
     def _encode(self, graph: Path) -> dict[str, Any]:
         model = self._model(self._view, self._backend(graph), self.tokenizer)
-        return model.encode(self.heldout, batch_size=8, max_length=512, return_dense=True, return_sparse=True,
-                            return_colbert_vecs=True)
+        return model.encode(
+            self.heldout, batch_size=8, max_length=512, return_dense=True, return_sparse=True, return_colbert_vecs=True
+        )
 
     def measure(self, name: str, graph: Path) -> dict[str, Any]:
         figures = compare_outputs(self._encode(graph), self.reference)
@@ -134,10 +143,16 @@ class _Variants:
         failures = gate.failures(figures)
         tqdm.write(f"{graph.name}: " + ", ".join(f"{k} {v:.5f}" for k, v in figures.items() if k != "texts"))
         if failures and not self.opts.allow_degraded:
-            raise GateError(f"{graph.name} misses its accuracy gate: {'; '.join(failures)} "
-                            "(pass --allow-degraded to keep it anyway)")
-        return {"against": "fp32 graph, held-out built-in samples", **figures, "gate": vars(gate),
-                "passed": not failures}
+            raise GateError(
+                f"{graph.name} misses its accuracy gate: {'; '.join(failures)} "
+                "(pass --allow-degraded to keep it anyway)"
+            )
+        return {
+            "against": "fp32 graph, held-out built-in samples",
+            **figures,
+            "gate": vars(gate),
+            "passed": not failures,
+        }
 
 
 def export_artifact(opts: ExportOptions) -> dict[str, Any]:
@@ -205,11 +220,15 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
             "tokenizer": {"file": "tokenizer.json"},
             "graphs": {
                 "fp32": entry(
-                    graph_files, "fp32",
+                    graph_files,
+                    "fp32",
                     exporter="torch.onnx (TorchScript), eager attention",
                     backends=["onnxruntime-cpu", "onnxruntime-cuda"],
-                    validation={"against": "PyTorch reference (fp32, eager attention)",
-                                "tolerance": vars(opts.tolerance), **figures},
+                    validation={
+                        "against": "PyTorch reference (fp32, eager attention)",
+                        "tolerance": vars(opts.tolerance),
+                        **figures,
+                    },
                 ),
             },
             "output_names": list(OUTPUT_NAMES),
@@ -222,11 +241,15 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
             graphs = manifest["graphs"]
             if opts.fp16:
                 t = step("fp16")
-                files = variants.convert_fp16(staging / "model.onnx", staging / "model.fp16.onnx",
-                                              fp16_outputs=opts.fp16_outputs)
+                files = variants.convert_fp16(
+                    staging / "model.onnx", staging / "model.fp16.onnx", fp16_outputs=opts.fp16_outputs
+                )
                 graphs["fp16"] = entry(
-                    files, "fp16", outputs_dtype="float16" if opts.fp16_outputs else "float32",
-                    kept_fp32=list(variants.FP16_KEEP_FP32), backends=["tensorrt", "onnxruntime-cuda"],
+                    files,
+                    "fp16",
+                    outputs_dtype="float16" if opts.fp16_outputs else "float32",
+                    kept_fp32=list(variants.FP16_KEEP_FP32),
+                    backends=["tensorrt", "onnxruntime-cuda"],
                     fidelity=measured.measure("fp16", staging / "model.fp16.onnx"),
                 )
                 timings["fp16_s"] = time.perf_counter() - t
@@ -234,19 +257,32 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
             if opts.int8:
                 t = step("int8")
                 calibration, calibration_source = _calibration(opts.calibration)
-                files = variants.quantize_int8_cpu(staging / "model.onnx", staging / "model.int8.onnx")
+                fp32_layers = variants.INT8_FP32_LAYERS if opts.int8_fp32_layers is None else opts.int8_fp32_layers
+                kept = ["attention MatMuls", "LayerNorm", "Softmax", "normalisations"]
+                kept.append(f"weight MatMuls of encoder layers {list(fp32_layers)}")
+                files = variants.quantize_int8_cpu(staging / "model.onnx", staging / "model.int8.onnx", fp32_layers)
                 graphs["int8"] = entry(
-                    files, "int8", backends=["onnxruntime-cpu"],
+                    files,
+                    "int8",
+                    backends=["onnxruntime-cpu"],
                     form="per-channel symmetric int8 weights, dynamic int8 activations (MatMulInteger)",
-                    kept_higher_precision=["attention MatMuls", "LayerNorm", "Softmax", "normalisations"],
+                    kept_higher_precision=kept,
                     fidelity=measured.measure("int8", staging / "model.int8.onnx"),
                 )
-                files = variants.quantize_int8_qdq(staging / "model.onnx", staging / "model.int8.qdq.onnx",
-                                                   measured.tokenizer, calibration, specials["pad"])
+                files = variants.quantize_int8_qdq(
+                    staging / "model.onnx",
+                    staging / "model.int8.qdq.onnx",
+                    measured.tokenizer,
+                    calibration,
+                    specials["pad"],
+                    fp32_layers,
+                )
                 graphs["int8-qdq"] = entry(
-                    files, "int8", backends=["tensorrt"],
+                    files,
+                    "int8",
+                    backends=["tensorrt"],
                     form="explicit symmetric QuantizeLinear/DequantizeLinear, per-channel weights",
-                    kept_higher_precision=["attention MatMuls", "LayerNorm", "Softmax", "normalisations"],
+                    kept_higher_precision=kept,
                     calibration={"source": calibration_source, "texts": len(calibration), "method": "MinMax"},
                     fidelity=measured.measure("int8-qdq", staging / "model.int8.qdq.onnx"),
                 )

@@ -33,21 +33,38 @@ def build_parser() -> argparse.ArgumentParser:
     precision = parser.add_argument_group("precision variants")
     precision.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx")
     precision.add_argument("--fp16-outputs", action="store_true", help="fp16 graph returns float16 outputs")
-    precision.add_argument("--int8", action="store_true",
-                           help="also write model.int8.onnx (ONNX Runtime CPU) and model.int8.qdq.onnx (TensorRT)")
-    precision.add_argument("--calibration", type=Path, help="int8 calibration text, one text per line "
-                           "(default: the built-in multilingual sample)")
+    precision.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write model.int8.onnx (ONNX Runtime CPU) and model.int8.qdq.onnx (TensorRT)",
+    )
+    precision.add_argument(
+        "--calibration",
+        type=Path,
+        help="int8 calibration text, one text per line (default: the built-in multilingual sample)",
+    )
+    precision.add_argument(
+        "--int8-fp32-layers",
+        type=lambda v: tuple(int(x) for x in v.split(",") if x.strip()),
+        help="encoder layers whose weight MatMuls stay fp32 in the int8 graphs (default 0,1; '' quantises all)",
+    )
     precision.add_argument("--allow-degraded", action="store_true", help="keep variants that miss their gates")
     precision.add_argument("--gate-fp16-dense", type=float, default=0.999, help="fp16: least dense cosine")
     precision.add_argument("--gate-int8-dense", type=float, default=0.99, help="int8: least dense cosine")
     precision.add_argument("--gate-int8-colbert", type=float, default=0.98, help="int8: least mean ColBERT cosine")
     precision.add_argument("--gate-int8-sparse", type=float, default=0.9, help="int8: least sparse top-10 overlap")
     engines = parser.add_argument_group("TensorRT engines")
-    engines.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
-                         help="build TensorRT plans from the fp16/int8 graphs (default: when TensorRT and a GPU "
-                         "are present)")
-    engines.add_argument("--profiles", help="optimisation profiles, BATCHxSEQ,... e.g. 256x64,32x512,2x8192 "
-                         "(default: short/medium/long from --token-budget)")
+    engines.add_argument(
+        "--engine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build TensorRT plans from the fp16/int8 graphs (default: when TensorRT and a GPU are present)",
+    )
+    engines.add_argument(
+        "--profiles",
+        help="optimisation profiles, BATCHxSEQ,... e.g. 256x64,32x512,2x8192 "
+        "(default: short/medium/long from --token-budget)",
+    )
     engines.add_argument("--token-budget", type=int, default=16384, help="padded tokens per batch for profiles")
     engines.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT workspace limit")
     engines.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, reused across builds")
@@ -76,22 +93,44 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         force=args.force,
         tolerance=Tolerance(min_cosine=args.min_cosine, max_abs_diff=args.max_abs_diff),
-        fp16=args.fp16 or args.fp16_outputs, fp16_outputs=args.fp16_outputs, int8=args.int8,
-        calibration=args.calibration, allow_degraded=args.allow_degraded, engine=args.engine,
+        fp16=args.fp16 or args.fp16_outputs,
+        fp16_outputs=args.fp16_outputs,
+        int8=args.int8,
+        calibration=args.calibration,
+        int8_fp32_layers=args.int8_fp32_layers,
+        allow_degraded=args.allow_degraded,
+        engine=args.engine,
         gates={
             "fp16": Gate(dense_cos_min=args.gate_fp16_dense),
-            "int8": Gate(dense_cos_min=args.gate_int8_dense, colbert_cos_mean=args.gate_int8_colbert,
-                         sparse_top10_overlap=args.gate_int8_sparse),
+            "int8": Gate(
+                dense_cos_min=args.gate_int8_dense,
+                colbert_cos_mean=args.gate_int8_colbert,
+                sparse_top10_overlap=args.gate_int8_sparse,
+            ),
         },
-        engine_options={k: v for k, v in {
-            "profiles": args.profiles, "token_budget": args.token_budget, "workspace_gb": args.workspace_gb,
-            "timing_cache": args.timing_cache}.items() if v is not None},
+        engine_options={
+            k: v
+            for k, v in {
+                "profiles": args.profiles,
+                "token_budget": args.token_budget,
+                "workspace_gb": args.workspace_gb,
+                "timing_cache": args.timing_cache,
+            }.items()
+            if v is not None
+        },
     )
     start = time.perf_counter()
     try:
         manifest = export_artifact(opts)
-    except (CheckpointError, ValidationError, GateError, FileExistsError, FileNotFoundError, ValueError,
-            RuntimeError) as exc:
+    except (
+        CheckpointError,
+        ValidationError,
+        GateError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+        RuntimeError,
+    ) as exc:
         print(f"m3-export: error: {exc}", file=sys.stderr)
         return 1
     validation = manifest["graphs"]["fp32"]["validation"]
@@ -102,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     for graph in manifest["graphs"].values():
         if "fidelity" in graph:
             fid = graph["fidelity"]
-            print(f"{graph['file']} vs fp32 on {fid['texts']} held-out texts: dense cos min {fid['dense_cos_min']:.5f} "
-                  f"mean {fid['dense_cos_mean']:.5f}; ColBERT cos min {fid['colbert_cos_min']:.5f} mean "
-                  f"{fid['colbert_cos_mean']:.5f}; sparse top-10 {fid['sparse_top10_overlap']:.3f}, Jaccard "
-                  f"{fid['sparse_jaccard']:.3f}, max weight err {fid['sparse_weight_max_abs_err']:.4f}"
-                  f"{'' if fid['passed'] else '  [BELOW GATE, kept: --allow-degraded]'}")
+            print(
+                f"{graph['file']} vs fp32 on {fid['texts']} held-out texts: dense cos min {fid['dense_cos_min']:.5f} "
+                f"mean {fid['dense_cos_mean']:.5f}; ColBERT cos min {fid['colbert_cos_min']:.5f} mean "
+                f"{fid['colbert_cos_mean']:.5f}; sparse top-10 {fid['sparse_top10_overlap']:.3f}, Jaccard "
+                f"{fid['sparse_jaccard']:.3f}, max weight err {fid['sparse_weight_max_abs_err']:.4f}"
+                f"{'' if fid['passed'] else '  [BELOW GATE, kept: --allow-degraded]'}"
+            )
     for engine in manifest.get("engines", {}).values():
-        print(f"{engine['file']}: TensorRT {engine['tensorrt_version']} on {engine['gpu']}, "
-              f"{len(engine['profiles'])} profiles, checked against ONNX Runtime")
+        print(
+            f"{engine['file']}: TensorRT {engine['tensorrt_version']} on {engine['gpu']}, "
+            f"{len(engine['profiles'])} profiles, checked against ONNX Runtime"
+        )
     return 0
 
 

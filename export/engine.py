@@ -55,9 +55,7 @@ def build_engines(
         if graph is None:
             continue
         plan_path = staging / f"model.{precision}.plan"
-        plan_path.write_bytes(
-            _build_plan(trt, logger, staging / graph["file"], planned, workspace_gb, timing_cache)
-        )
+        plan_path.write_bytes(_build_plan(trt, logger, staging / graph["file"], planned, workspace_gb, timing_cache))
         info = {
             "file": plan_path.name,
             "built_from": graph["file"],
@@ -71,8 +69,9 @@ def build_engines(
     return engines
 
 
-def _build_plan(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_gb: float,
-                timing_cache: Path) -> bytes:
+def _build_plan(
+    trt, logger, onnx_path: Path, profiles: list[Profile], workspace_gb: float, timing_cache: Path
+) -> bytes:
     builder = trt.Builder(logger)
     # STRONGLY_TYPED: required for strong typing on 10.x, accepted and ignored by 11.x.
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -99,8 +98,9 @@ def _build_plan(trt, logger, onnx_path: Path, profiles: list[Profile], workspace
     return bytes(plan)
 
 
-def _check_against_onnxruntime(staging: Path, manifest: dict[str, Any], info: dict[str, Any],
-                               graph: Path) -> dict[str, float]:
+def _check_against_onnxruntime(
+    staging: Path, manifest: dict[str, Any], info: dict[str, Any], graph: Path
+) -> dict[str, float]:
     """A silent miscompile must fail the export: compare the engine with ONNX Runtime on samples."""
     from m3rt.backends.onnxruntime import OnnxRuntimeBackend
     from m3rt.backends.tensorrt import TensorRTBackend
@@ -117,8 +117,10 @@ def _check_against_onnxruntime(staging: Path, manifest: dict[str, Any], info: di
     engine_out = M3Model(view, TensorRTBackend(staging / info["file"], info), tokenizer).encode(texts, **kw)
     ort_out = M3Model(view, OnnxRuntimeBackend(graph), tokenizer).encode(texts, **kw)
     figures = compare_outputs(engine_out, ort_out)
-    if figures["dense_cos_min"] < 0.999 or figures["colbert_cos_mean"] < 0.999 or not np.isfinite(
-        figures["dense_cos_min"]
+    if (
+        figures["dense_cos_min"] < 0.999
+        or figures["colbert_cos_mean"] < 0.999
+        or not np.isfinite(figures["dense_cos_min"])
     ):
         raise RuntimeError(f"the TensorRT engine {info['file']} disagrees with ONNX Runtime on {graph.name}: {figures}")
     return figures

@@ -39,8 +39,26 @@ def attention_matmuls(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-def convert_fp16(src: Path, dst: Path, fp16_outputs: bool = False,
-                 keep_fp32: Sequence[str] = FP16_KEEP_FP32) -> list[Path]:
+# Measured on the full-size model (benchmarks/RESULTS.md, "int8 sensitivity"): quantisation noise
+# entering the first encoder layers is carried through all later ones, so their weight MatMuls
+# stay fp32; keeping the last layers or the heads in fp32 did not help.
+INT8_FP32_LAYERS = (0, 1)
+
+
+def layer_matmuls(model: onnx.ModelProto, layers: Sequence[int]) -> list[str]:
+    """Weight MatMuls of the given encoder layers (node names of the TorchScript export)."""
+    attention = set(attention_matmuls(model))
+    prefixes = tuple(f"/encoder/encoder/layer.{i}/" for i in layers)
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.name.startswith(prefixes) and n.name not in attention
+    ]
+
+
+def convert_fp16(
+    src: Path, dst: Path, fp16_outputs: bool = False, keep_fp32: Sequence[str] = FP16_KEEP_FP32
+) -> list[Path]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src), load_external_data=True)
@@ -54,14 +72,18 @@ def convert_fp16(src: Path, dst: Path, fp16_outputs: bool = False,
     return save_model(model16, dst)
 
 
-def quantize_int8_cpu(src: Path, dst: Path, exclude: Sequence[str] = ()) -> list[Path]:
+def quantize_int8_cpu(src: Path, dst: Path, fp32_layers: Sequence[int] = INT8_FP32_LAYERS) -> list[Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src), load_external_data=False)
     dst.unlink(missing_ok=True)
     quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=attention_matmuls(model) + list(exclude),
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_exclude=attention_matmuls(model) + layer_matmuls(model, fp32_layers),
     )
     return [dst]
 
@@ -69,8 +91,9 @@ def quantize_int8_cpu(src: Path, dst: Path, exclude: Sequence[str] = ()) -> list
 class _CalibrationReader:
     """Feeds tokenised calibration texts in padded batches to ONNX Runtime's calibrator."""
 
-    def __init__(self, tokenizer: M3Tokenizer, texts: Sequence[str], pad_id: int, max_length: int = 512,
-                 batch_size: int = 8) -> None:
+    def __init__(
+        self, tokenizer: M3Tokenizer, texts: Sequence[str], pad_id: int, max_length: int = 512, batch_size: int = 8
+    ) -> None:
         ids = tokenizer.encode(list(texts), max_length=max_length).ids
         order = np.argsort([-len(x) for x in ids], kind="stable")
         self._batches: Iterator = iter(
@@ -82,19 +105,31 @@ class _CalibrationReader:
         return None if batch is None else {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
 
-def quantize_int8_qdq(src: Path, dst: Path, tokenizer: M3Tokenizer, calibration: Sequence[str], pad_id: int,
-                      exclude: Sequence[str] = ()) -> list[Path]:
+def quantize_int8_qdq(
+    src: Path,
+    dst: Path,
+    tokenizer: M3Tokenizer,
+    calibration: Sequence[str],
+    pad_id: int,
+    fp32_layers: Sequence[int] = INT8_FP32_LAYERS,
+) -> list[Path]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src), load_external_data=False)
     with tempfile.TemporaryDirectory(prefix="m3rt-qdq-") as tmp:
         raw = Path(tmp) / "qdq.onnx"
         quantize_static(
-            str(src), str(raw), _CalibrationReader(tokenizer, calibration, pad_id),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=attention_matmuls(model) + list(exclude),
-            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+            str(src),
+            str(raw),
+            _CalibrationReader(tokenizer, calibration, pad_id),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=attention_matmuls(model) + layer_matmuls(model, fp32_layers),
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=True,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
         return save_model(onnx.load(str(raw), load_external_data=True), dst)

@@ -114,9 +114,7 @@ class M3Model:
         explicit Q/DQ graph). `verify` checks every file against the manifest's sizes and sha256 first.
         """
         manifest = load_manifest(path, verify=verify)
-        engine = create_backend(
-            backend, manifest, precision, providers=providers, intra_op_threads=intra_op_threads
-        )
+        engine = create_backend(backend, manifest, precision, providers=providers, intra_op_threads=intra_op_threads)
         return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), **options)
 
     # ------------------------------------------------------------------ encoding

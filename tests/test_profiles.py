@@ -9,7 +9,10 @@ from m3rt.profiles import default_profiles, parse_profiles, select_profile
 def test_default_profiles_cover_every_length_within_the_token_budget():
     profiles = default_profiles(token_budget=16384, max_length=8192)
     assert [(p.name, p.max_batch, p.max_sequence) for p in profiles] == [
-        ("short", 256, 64), ("medium", 32, 512), ("long", 2, 8192)]
+        ("short", 256, 64),
+        ("medium", 32, 512),
+        ("long", 2, 8192),
+    ]
     assert profiles[0].shapes == ((1, 2), (256, 32), (256, 64))
     for length in range(2, 8193):
         k = select_profile(profiles, length)
@@ -29,10 +32,17 @@ def test_short_max_length_drops_unneeded_profiles():
     assert [p.name for p in default_profiles(4096, max_length=512)] == ["short", "medium"]
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("64", "BATCHxSEQUENCE"), ("0x64,1x8192", "batch must be"), ("4x512,8x256,1x8192", "sequence in"),
-    ("64x64", "must reach max_length"), ("", "no profiles"), ("4x9000", "sequence in"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("64", "BATCHxSEQUENCE"),
+        ("0x64,1x8192", "batch must be"),
+        ("4x512,8x256,1x8192", "sequence in"),
+        ("64x64", "must reach max_length"),
+        ("", "no profiles"),
+        ("4x9000", "sequence in"),
+    ],
+)
 def test_bad_profile_specs(spec, match):
     with pytest.raises(InputError, match=match):
         parse_profiles(spec)

@@ -20,8 +20,22 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = [REPO / "export" / "engine.py", REPO / "runtime" / "backends" / "tensorrt.py"]
 WHEELS = {"10.x": "tensorrt-cu12-bindings==10.16.1.11", "11.x": "tensorrt-cu13-bindings==11.4.0.106"}
 # Local names that hold TensorRT objects in those files: attributes read from them are TensorRT API.
-TRT_OBJECTS = {"trt", "builder", "network", "parser", "config", "profile", "cache", "engine", "context", "runtime",
-               "logger", "self._engine", "self._context", "self._trt"}
+TRT_OBJECTS = {
+    "trt",
+    "builder",
+    "network",
+    "parser",
+    "config",
+    "profile",
+    "cache",
+    "engine",
+    "context",
+    "runtime",
+    "logger",
+    "self._engine",
+    "self._context",
+    "self._trt",
+}
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -47,8 +61,15 @@ def used_names() -> set[str]:
 
 def test_the_scan_finds_the_api_we_rely_on():
     names = used_names()
-    assert {"create_network", "STRONGLY_TYPED", "execute_async_v3", "set_tensor_address",
-            "build_serialized_network", "set_optimization_profile_async", "deserialize_cuda_engine"} <= names
+    assert {
+        "create_network",
+        "STRONGLY_TYPED",
+        "execute_async_v3",
+        "set_tensor_address",
+        "build_serialized_network",
+        "set_optimization_profile_async",
+        "deserialize_cuda_engine",
+    } <= names
 
 
 @pytest.fixture(scope="module", params=sorted(WHEELS))
@@ -56,7 +77,9 @@ def bindings(request, tmp_path_factory):
     target = tmp_path_factory.mktemp(f"trt-{request.param}")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(target), WHEELS[request.param]],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     wheels = list(target.glob("*.whl"))
     if result.returncode != 0 or not wheels:
@@ -73,7 +96,8 @@ def bindings(request, tmp_path_factory):
 def test_every_name_exists_in_the_bindings(bindings):
     version, blob, python_names = bindings
     missing = sorted(
-        n for n in used_names()
+        n
+        for n in used_names()
         if n not in python_names and f"\0{n}\0".encode() not in blob and n.encode() + b"\0" not in blob
     )
     assert not missing, f"not in TensorRT {version} bindings: {missing}"

@@ -16,7 +16,8 @@ ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
 @pytest.fixture(scope="module")
 def variants(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("variants") / "artifact"
-    export_artifact(ExportOptions(model=str(tiny[0]), output=out, fp16=True, int8=True))
+    # The tiny model has 2 layers: quantise them all (the default keeps layers 0-1 fp32).
+    export_artifact(ExportOptions(model=str(tiny[0]), output=out, fp16=True, int8=True, int8_fp32_layers=()))
     return out
 
 
@@ -30,16 +31,26 @@ def test_manifest_describes_each_variant(variants):
     for name in ("fp16", "int8", "int8-qdq"):
         fidelity = graphs[name]["fidelity"]
         assert fidelity["passed"] and fidelity["texts"] == 47
-        assert set(fidelity) >= {"dense_cos_min", "dense_cos_mean", "colbert_cos_min", "colbert_cos_mean",
-                                 "sparse_top10_overlap", "sparse_jaccard", "sparse_weight_max_abs_err"}
+        assert set(fidelity) >= {
+            "dense_cos_min",
+            "dense_cos_mean",
+            "colbert_cos_min",
+            "colbert_cos_mean",
+            "sparse_top10_overlap",
+            "sparse_jaccard",
+            "sparse_weight_max_abs_err",
+        }
         for file in graphs[name]["files"]:
             assert file in data["files"]
     assert "engines" not in data  # no TensorRT here: nothing is claimed
 
 
 def test_same_io_names_and_output_types(variants):
-    for file, out_type in [("model.fp16.onnx", onnx.TensorProto.FLOAT), ("model.int8.onnx", onnx.TensorProto.FLOAT),
-                           ("model.int8.qdq.onnx", onnx.TensorProto.FLOAT)]:
+    for file, out_type in [
+        ("model.fp16.onnx", onnx.TensorProto.FLOAT),
+        ("model.int8.onnx", onnx.TensorProto.FLOAT),
+        ("model.int8.qdq.onnx", onnx.TensorProto.FLOAT),
+    ]:
         model = onnx.load(str(variants / file), load_external_data=False)
         assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
         assert [o.name for o in model.graph.output] == ["dense_vecs", "sparse_weights", "colbert_vecs"]
@@ -62,8 +73,11 @@ def test_int8_graphs_quantize_weights_but_not_attention(variants):
     for model in (cpu, qdq):
         producers = {o: n.op_type for n in model.graph.node for o in n.output}
         inits = {t.name for t in model.graph.initializer}
-        attention = [n for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & inits
-                     and "attention/self/MatMul" in n.name]
+        attention = [
+            n
+            for n in model.graph.node
+            if n.op_type == "MatMul" and not set(n.input) & inits and "attention/self/MatMul" in n.name
+        ]
         assert attention and all(producers.get(i) != "DequantizeLinear" for n in attention for i in n.input)
 
 
@@ -92,22 +106,27 @@ def test_gate_failure_is_loud_unless_degraded_is_allowed(tiny, tmp_path):
     with pytest.raises(GateError, match=r"model.int8.onnx misses its accuracy gate: dense_cos_min"):
         export_artifact(ExportOptions(model=str(tiny[0]), output=tmp_path / "a", int8=True, gates=impossible))
     assert not (tmp_path / "a").exists()
-    manifest = export_artifact(ExportOptions(model=str(tiny[0]), output=tmp_path / "b", int8=True,
-                                             gates=impossible, allow_degraded=True))
+    manifest = export_artifact(
+        ExportOptions(model=str(tiny[0]), output=tmp_path / "b", int8=True, gates=impossible, allow_degraded=True)
+    )
     assert manifest["graphs"]["int8"]["fidelity"]["passed"] is False
 
 
 def test_calibration_file(tiny, tmp_path):
     calibration = tmp_path / "cal.txt"
     calibration.write_text("first calibration line\n\nsecond one, a little longer than the first\n")
-    manifest = export_artifact(ExportOptions(model=str(tiny[0]), output=tmp_path / "a", int8=True,
-                                             calibration=calibration, allow_degraded=True))
+    manifest = export_artifact(
+        ExportOptions(
+            model=str(tiny[0]), output=tmp_path / "a", int8=True, calibration=calibration, allow_degraded=True
+        )
+    )
     assert manifest["graphs"]["int8-qdq"]["calibration"]["texts"] == 2
     assert manifest["graphs"]["int8-qdq"]["calibration"]["source"].startswith("cal.txt")
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="no text lines"):
-        export_artifact(ExportOptions(model=str(tiny[0]), output=tmp_path / "b", int8=True,
-                                      calibration=tmp_path / "empty.txt"))
+        export_artifact(
+            ExportOptions(model=str(tiny[0]), output=tmp_path / "b", int8=True, calibration=tmp_path / "empty.txt")
+        )
 
 
 def test_missing_variant_or_engine_is_a_clear_error(tiny):
@@ -119,3 +138,23 @@ def test_missing_variant_or_engine_is_a_clear_error(tiny):
 
 def test_auto_backend_falls_back_to_onnxruntime_without_tensorrt(variants):
     assert M3Model.load(variants, backend="auto", precision="int8").backend.name == "onnxruntime"
+
+
+def test_int8_keeps_chosen_layers_in_fp32(tiny, tmp_path):
+    manifest = export_artifact(
+        ExportOptions(model=str(tiny[0]), output=tmp_path / "a", int8=True, int8_fp32_layers=(1,))
+    )
+    assert "weight MatMuls of encoder layers [1]" in manifest["graphs"]["int8"]["kept_higher_precision"]
+    for file, op in (("model.int8.onnx", "MatMulInteger"), ("model.int8.qdq.onnx", "DequantizeLinear")):
+        model = onnx.load(str(tmp_path / "a" / file))
+        producers = {o: n for n in model.graph.node for o in n.output}
+        quantized = {n.name for n in model.graph.node if n.op_type == op}
+        if op == "DequantizeLinear":  # MatMuls whose weight input comes through a DequantizeLinear
+            quantized = {
+                n.name
+                for n in model.graph.node
+                if n.op_type == "MatMul"
+                and any(producers.get(i) is not None and producers[i].op_type == op for i in n.input[1:])
+            }
+        assert any("layer.0/" in name for name in quantized), file
+        assert not any("layer.1/" in name for name in quantized), file

@@ -19,9 +19,7 @@ BACKENDS = ("onnxruntime", "tensorrt", "auto")
 class Backend(Protocol):
     name: str
 
-    def run(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Run one padded batch; returns float32 arrays for the requested output names."""
         ...
 

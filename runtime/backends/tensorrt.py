@@ -81,9 +81,7 @@ class TensorRTBackend:
         self._trt, self._runtime, self._engine = trt, runtime, engine
         self._context = engine.create_execution_context()
         self._stream = check(cudart.cudaStreamCreate())
-        self._profiles = [
-            Profile(p["name"], p["max"][0], p["max"][1], p["min"][1]) for p in info["profiles"]
-        ]
+        self._profiles = [Profile(p["name"], p["max"][0], p["max"][1], p["min"][1]) for p in info["profiles"]]
         self._active_profile = -1
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -92,12 +90,15 @@ class TensorRTBackend:
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         k = select_profile(self._profiles, input_ids.shape[1])
         step = self._profiles[k].max_batch
-        parts = [self._run_chunk(k, input_ids[i : i + step], attention_mask[i : i + step], outputs)
-                 for i in range(0, len(input_ids), step)]
+        parts = [
+            self._run_chunk(k, input_ids[i : i + step], attention_mask[i : i + step], outputs)
+            for i in range(0, len(input_ids), step)
+        ]
         return {name: np.concatenate([p[name] for p in parts]) for name in outputs}
 
-    def _run_chunk(self, k: int, input_ids: np.ndarray, attention_mask: np.ndarray,
-                   outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def _run_chunk(
+        self, k: int, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
         cudart, context, engine, stream = self._cudart, self._context, self._engine, self._stream
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -127,6 +128,4 @@ class TensorRTBackend:
             nbytes = int(np.prod(shape)) * dtype.itemsize
             check(cudart.cudaMemcpyAsync(self._buffers[name].host, self._buffers[name].device, nbytes, d2h, stream))
         check(cudart.cudaStreamSynchronize(stream))
-        return {
-            name: self._buffers[name].host_array(*shapes[name]).astype(np.float32, copy=True) for name in outputs
-        }
+        return {name: self._buffers[name].host_array(*shapes[name]).astype(np.float32, copy=True) for name in outputs}

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -141,7 +142,6 @@ class _Variants:
         figures = compare_outputs(self._encode(graph), self.reference)
         gate = self.opts.gates.get(name.split("-")[0], Gate())
         failures = gate.failures(figures)
-        tqdm.write(f"{graph.name}: " + ", ".join(f"{k} {v:.5f}" for k, v in figures.items() if k != "texts"))
         if failures and not self.opts.allow_degraded:
             raise GateError(
                 f"{graph.name} misses its accuracy gate: {'; '.join(failures)} "
@@ -336,5 +336,5 @@ def _want_engines(opts: ExportOptions) -> bool:
     if opts.engine:
         raise RuntimeError(f"--engine was requested but {reason}")
     if opts.fp16 or opts.int8:
-        tqdm.write(f"m3-export: no TensorRT engines built: {reason}")
+        tqdm.write(f"m3-export: no TensorRT engines built: {reason}", file=sys.stderr)
     return False

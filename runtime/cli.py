@@ -47,9 +47,22 @@ def _inspect(args: argparse.Namespace) -> int:
     )
     print(f"specials {data['special_tokens']}")
     for name, graph in data["graphs"].items():
-        heads = graph["validation"]["heads"]
-        worst = min(h["min_cosine"] for h in heads.values())
-        print(f"graph    {name}: {graph['file']} opset {graph['opset']}, validated min cosine {worst:.8f}")
+        if "validation" in graph:
+            worst = min(h["min_cosine"] for h in graph["validation"]["heads"].values())
+            quality = f"validated against PyTorch, min cosine {worst:.8f}"
+        else:
+            fid = graph["fidelity"]
+            quality = (
+                f"vs fp32: dense cos min {fid['dense_cos_min']:.5f}, ColBERT cos mean "
+                f"{fid['colbert_cos_mean']:.5f}, sparse top-10 {fid['sparse_top10_overlap']:.3f}"
+                f"{'' if fid['passed'] else ' (BELOW GATE)'}"
+            )
+        print(f"graph    {name}: {graph['file']} for {', '.join(graph.get('backends', []))}; {quality}")
+    for name, engine in data.get("engines", {}).items():
+        print(
+            f"engine   {name}: {engine['file']} TensorRT {engine['tensorrt_version']} on {engine['gpu']} "
+            f"(compute {engine['compute_capability']}), {len(engine['profiles'])} profiles"
+        )
     for name, rec in data["files"].items():
         print(f"file     {name:20s} {rec['size']:>14,d} B  sha256 {rec['sha256'][:16]}...")
     print("verified: all files match the manifest" if not args.no_verify else "not verified (--no-verify)")

@@ -50,6 +50,9 @@ class M3Tokenizer:
                     )
         return Encoded(ids=[np.asarray(enc.ids, dtype=np.int64) for enc in encodings])
 
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
     def decode_id(self, token_id: int) -> str:
         return self._tok.decode([int(token_id)], skip_special_tokens=False)
 

@@ -158,3 +158,24 @@ def test_int8_keeps_chosen_layers_in_fp32(tiny, tmp_path):
             }
         assert any("layer.0/" in name for name in quantized), file
         assert not any("layer.1/" in name for name in quantized), file
+
+
+def test_inspect_lists_variants(variants, capsys):
+    from m3rt.cli import main
+
+    assert main(["inspect", str(variants)]) == 0
+    out = capsys.readouterr().out
+    assert "graph    int8: model.int8.onnx for onnxruntime-cpu; vs fp32: dense cos min" in out
+    assert "graph    fp16: model.fp16.onnx for tensorrt, onnxruntime-cuda" in out
+
+
+def test_engine_request_without_tensorrt_is_a_clear_error(tiny, tmp_path, capsys):
+    from m3rt.export.cli import main
+
+    assert main(["--model", str(tiny[0]), "--output", str(tmp_path / "a"), "--fp16", "--engine"]) == 1
+    err = capsys.readouterr().err
+    assert "--engine was requested but TensorRT is not importable" in err and "tensorrt-cu1" in err
+    assert not (tmp_path / "a").exists()
+    # Without --engine the export goes on and says why no engine was built.
+    assert main(["--model", str(tiny[0]), "--output", str(tmp_path / "b"), "--fp16"]) == 0
+    assert "no TensorRT engines built: TensorRT is not importable" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""What `m3-bench` times: m3rt on each backend/precision present, and the PyTorch reference.
+
+A runner encodes texts end to end (text in, FlagEmbedding-format outputs out) and runs one padded
+batch model-only; the reference runs the way FlagEmbedding runs BGE-M3 (fp16 + SDPA on a GPU,
+fp32 on a CPU), through FlagEmbedding itself when it is importable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3rt.manifest import OUTPUT_NAMES
+from m3rt.model import M3Model
+from m3rt.scheduler import plan_batches
+
+ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
+
+
+@dataclass
+class Runner:
+    name: str
+    device: str  # "cpu" or "cuda"
+    precision: str
+    encode: Callable[[list[str], int], dict[str, Any]]
+    forward: Callable[[np.ndarray, np.ndarray], Any]
+    padded_tokens: Callable[[np.ndarray], int]
+    is_reference: bool = False
+    device_peak_bytes: Callable[[], int | None] = lambda: None
+
+
+def _sorted_chunks_padding(lengths: np.ndarray, batch_size: int) -> int:
+    """FlagEmbedding: sort by length, fixed chunks of batch_size, each padded to its longest."""
+    ordered = np.sort(lengths)[::-1]
+    return int(sum(len(c) * c[0] for c in (ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size))))
+
+
+def m3rt_runners(
+    artifact: Path, batch_size: int, token_budget: int
+) -> tuple[list[tuple[str, Callable[[], Runner]]], list[str]]:
+    """(name, build) per (backend, precision) usable here, built lazily so that each runner's
+    memory is measured alone; notes say what was skipped and why."""
+    from m3rt.backends.base import _tensorrt_usable
+    from m3rt.cuda import gpu_unavailable_reason
+    from m3rt.manifest import load_manifest
+
+    manifest = load_manifest(artifact, verify=False)
+    notes = []
+    combos = [("onnxruntime", p, "cpu") for p in ("fp32", "int8") if p in manifest.graphs]
+    try:
+        import onnxruntime as ort
+
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        cuda = False
+    if cuda and gpu_unavailable_reason() is None:
+        combos += [("onnxruntime", p, "cuda") for p in ("fp32", "fp16") if p in manifest.graphs]
+    else:
+        notes.append("ONNX Runtime CUDA: skipped (no onnxruntime-gpu with a visible GPU)")
+    if not manifest.engines:
+        notes.append("TensorRT: skipped (the artifact has no engines)")
+    elif _tensorrt_usable():
+        combos += [("tensorrt", p, "cuda") for p in manifest.engines]
+    else:
+        notes.append("TensorRT: skipped (engines present but TensorRT or a GPU is not)")
+
+    def build(backend: str, precision: str, device: str) -> Runner:
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None
+        model = M3Model.load(
+            artifact, backend=backend, precision=precision, verify=False, providers=providers, token_budget=token_budget
+        )
+
+        def padded_tokens(lengths: np.ndarray) -> int:
+            return int(sum(len(b) * lengths[b].max() for b in plan_batches(lengths, batch_size, model.token_budget)))
+
+        return Runner(
+            name=f"m3rt {backend} {device} {precision}",
+            device=device,
+            precision=precision,
+            encode=lambda texts, max_length: model.encode(texts, batch_size=batch_size, max_length=max_length, **ALL),
+            forward=lambda ids, mask: model.backend.run(ids, mask, OUTPUT_NAMES),
+            padded_tokens=padded_tokens,
+        )
+
+    named = [(f"m3rt {b} {d} {p}", partial(build, b, p, d)) for b, p, d in combos]
+    return named, notes
+
+
+def reference_unavailable(checkpoint: Path | None) -> str | None:
+    """Why the reference column cannot run here, or None. It is skipped, never invented."""
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        return f"PyTorch reference: skipped (source checkpoint {checkpoint} not available; pass --checkpoint DIR)"
+    try:
+        import FlagEmbedding  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return f"PyTorch reference: skipped (FlagEmbedding/torch not importable: {exc})"
+    return None
+
+
+def reference_runner(checkpoint: Path, batch_size: int, device: str) -> Runner:
+    """FlagEmbedding's BGEM3FlagModel on the source checkpoint."""
+    import torch
+    from FlagEmbedding import BGEM3FlagModel
+
+    fp16 = device == "cuda"
+    model = BGEM3FlagModel(str(checkpoint), use_fp16=fp16, devices=device)
+
+    def forward(ids: np.ndarray, mask: np.ndarray) -> Any:
+        inputs = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+        with torch.no_grad():
+            out = model.model(inputs, return_dense=True, return_sparse=True, return_colbert_vecs=True)
+        if fp16:
+            torch.cuda.synchronize()
+        return out
+
+    def encode(texts: list[str], max_length: int) -> dict[str, Any]:
+        return model.encode(texts, batch_size=batch_size, max_length=max_length, **ALL)
+
+    peak = (lambda: int(torch.cuda.max_memory_allocated())) if fp16 else (lambda: None)
+    return Runner(
+        name=f"FlagEmbedding PyTorch {device} {'fp16' if fp16 else 'fp32'}",
+        device=device,
+        precision="fp16" if fp16 else "fp32",
+        encode=encode,
+        forward=forward,
+        padded_tokens=lambda lengths: _sorted_chunks_padding(lengths, batch_size),
+        is_reference=True,
+        device_peak_bytes=peak,
+    )

@@ -18,12 +18,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 import m3rt
+from m3rt.backends.onnxruntime import OnnxRuntimeBackend
 from m3rt.export.checkpoint import ensure_tokenizer_json, load_reference, resolve_checkpoint
 from m3rt.export.onnx_graph import DEFAULT_OPSET, export_graph
 from m3rt.export.samples import calibration_texts, sample_texts
 from m3rt.export.validate import Tolerance, check_tolerance, compare_with_reference
 from m3rt.fidelity import DEFAULT_GATES, Gate, compare_outputs
 from m3rt.manifest import FORMAT, FORMAT_VERSION, INPUT_NAMES, MANIFEST_NAME, OUTPUT_NAMES, Manifest, file_record
+from m3rt.model import M3Model
+from m3rt.tokenizer import M3Tokenizer
 
 MAX_LENGTH = 8192  # positions 2..8193 of XLM-R's 8194-row table, <s> and </s> included
 
@@ -43,6 +46,7 @@ class ExportOptions:
     int8: bool = False
     calibration: Path | None = None
     int8_fp32_layers: tuple[int, ...] | None = None  # None: variants.INT8_FP32_LAYERS
+    int8_forms: tuple[str, ...] = ("cpu", "qdq")
     gates: dict[str, Gate] = field(default_factory=lambda: dict(DEFAULT_GATES))
     allow_degraded: bool = False
     engine: bool | None = None  # None: build engines when TensorRT and a GPU are present
@@ -120,20 +124,14 @@ class _Variants:
     """Builds precision variants next to the fp32 graph and measures each against it."""
 
     def __init__(self, staging: Path, manifest: dict[str, Any], opts: ExportOptions) -> None:
-        from m3rt.backends.onnxruntime import OnnxRuntimeBackend
-        from m3rt.model import M3Model
-        from m3rt.tokenizer import M3Tokenizer
-
-        self.staging, self.manifest, self.opts = staging, manifest, opts
+        self.opts = opts
         self.tokenizer = M3Tokenizer(staging / "tokenizer.json")
         self._view = Manifest(root=staging, data=manifest)
-        self._backend = OnnxRuntimeBackend
-        self._model = M3Model
         self.heldout = sample_texts()
         self.reference = self._encode(staging / "model.onnx")
 
     def _encode(self, graph: Path) -> dict[str, Any]:
-        model = self._model(self._view, self._backend(graph), self.tokenizer)
+        model = M3Model(self._view, OnnxRuntimeBackend(graph), self.tokenizer)
         return model.encode(
             self.heldout, batch_size=8, max_length=512, return_dense=True, return_sparse=True, return_colbert_vecs=True
         )
@@ -256,36 +254,38 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                 steps.update()
             if opts.int8:
                 t = step("int8")
-                calibration, calibration_source = _calibration(opts.calibration)
                 fp32_layers = variants.INT8_FP32_LAYERS if opts.int8_fp32_layers is None else opts.int8_fp32_layers
                 kept = ["attention MatMuls", "LayerNorm", "Softmax", "normalisations"]
                 kept.append(f"weight MatMuls of encoder layers {list(fp32_layers)}")
-                files = variants.quantize_int8_cpu(staging / "model.onnx", staging / "model.int8.onnx", fp32_layers)
-                graphs["int8"] = entry(
-                    files,
-                    "int8",
-                    backends=["onnxruntime-cpu"],
-                    form="per-channel symmetric int8 weights, dynamic int8 activations (MatMulInteger)",
-                    kept_higher_precision=kept,
-                    fidelity=measured.measure("int8", staging / "model.int8.onnx"),
-                )
-                files = variants.quantize_int8_qdq(
-                    staging / "model.onnx",
-                    staging / "model.int8.qdq.onnx",
-                    measured.tokenizer,
-                    calibration,
-                    specials["pad"],
-                    fp32_layers,
-                )
-                graphs["int8-qdq"] = entry(
-                    files,
-                    "int8",
-                    backends=["tensorrt"],
-                    form="explicit symmetric QuantizeLinear/DequantizeLinear, per-channel weights",
-                    kept_higher_precision=kept,
-                    calibration={"source": calibration_source, "texts": len(calibration), "method": "MinMax"},
-                    fidelity=measured.measure("int8-qdq", staging / "model.int8.qdq.onnx"),
-                )
+                if "cpu" in opts.int8_forms:
+                    files = variants.quantize_int8_cpu(staging / "model.onnx", staging / "model.int8.onnx", fp32_layers)
+                    graphs["int8"] = entry(
+                        files,
+                        "int8",
+                        backends=["onnxruntime-cpu"],
+                        form="per-channel symmetric int8 weights, dynamic int8 activations (MatMulInteger)",
+                        kept_higher_precision=kept,
+                        fidelity=measured.measure("int8", staging / "model.int8.onnx"),
+                    )
+                if "qdq" in opts.int8_forms:
+                    calibration, calibration_source = _calibration(opts.calibration)
+                    files = variants.quantize_int8_qdq(
+                        staging / "model.onnx",
+                        staging / "model.int8.qdq.onnx",
+                        measured.tokenizer,
+                        calibration,
+                        specials["pad"],
+                        fp32_layers,
+                    )
+                    graphs["int8-qdq"] = entry(
+                        files,
+                        "int8",
+                        backends=["tensorrt"],
+                        form="explicit symmetric QuantizeLinear/DequantizeLinear, per-channel weights",
+                        kept_higher_precision=kept,
+                        calibration={"source": calibration_source, "texts": len(calibration), "method": "MinMax"},
+                        fidelity=measured.measure("int8-qdq", staging / "model.int8.qdq.onnx"),
+                    )
                 timings["int8_s"] = time.perf_counter() - t
                 steps.update()
 

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda v: tuple(int(x) for x in v.split(",") if x.strip()),
         help="encoder layers whose weight MatMuls stay fp32 in the int8 graphs (default 0,1; '' quantises all)",
     )
+    precision.add_argument(
+        "--int8-forms",
+        type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+        default=("cpu", "qdq"),
+        help="which int8 graphs to build: cpu (model.int8.onnx), qdq (model.int8.qdq.onnx); default both",
+    )
     precision.add_argument("--allow-degraded", action="store_true", help="keep variants that miss their gates")
     precision.add_argument("--gate-fp16-dense", type=float, default=0.999, help="fp16: least dense cosine")
     precision.add_argument("--gate-int8-dense", type=float, default=0.99, help="int8: least dense cosine")
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         from m3rt.fidelity import Gate
     except ImportError as exc:
         print(
-            f"m3-export needs the export extra (torch, transformers, onnx): pip install 'm3rt[export]' ({exc})",
+            f"m3-export needs the export extra and an ONNX Runtime: pip install 'm3rt[cpu,export]' ({exc})",
             file=sys.stderr,
         )
         return 2
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         int8=args.int8,
         calibration=args.calibration,
         int8_fp32_layers=args.int8_fp32_layers,
+        int8_forms=args.int8_forms,
         allow_degraded=args.allow_degraded,
         engine=args.engine,
         gates={

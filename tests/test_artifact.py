@@ -102,3 +102,10 @@ def test_unknown_precision_and_backend(tiny):
         M3Model.load(tiny[1], precision="int8")
     with pytest.raises(ArtifactError, match="unknown backend"):
         M3Model.load(tiny[1], backend="nope")
+
+
+def test_a_gpu_provider_that_cannot_start_is_an_error_not_a_silent_cpu_run(tiny):
+    from m3rt import BackendError
+
+    with pytest.raises(BackendError, match="could not start CUDAExecutionProvider.*onnxruntime-gpu"):
+        M3Model.load(tiny[1], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -179,3 +179,9 @@ def test_engine_request_without_tensorrt_is_a_clear_error(tiny, tmp_path, capsys
     # Without --engine the export goes on and says why no engine was built.
     assert main(["--model", str(tiny[0]), "--output", str(tmp_path / "b"), "--fp16"]) == 0
     assert "no TensorRT engines built: TensorRT is not importable" in capsys.readouterr().err
+
+
+def test_int8_forms_can_be_chosen(tiny, tmp_path):
+    manifest = export_artifact(ExportOptions(model=str(tiny[0]), output=tmp_path / "a", int8=True, int8_forms=("cpu",)))
+    assert "int8" in manifest["graphs"] and "int8-qdq" not in manifest["graphs"]
+    assert not (tmp_path / "a" / "model.int8.qdq.onnx").exists()

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend (CPU execution provider)."""
+"""ONNX Runtime backend (CPU execution provider by default; any provider list on request)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,14 @@ class OnnxRuntimeBackend:
                 f"expected {INPUT_NAMES} and {OUTPUT_NAMES}"
             )
         self.providers = self._session.get_providers()
+        # ONNX Runtime silently falls back to CPU when a requested GPU provider cannot start.
+        missing = [p for p in providers if p not in self.providers]
+        if missing:
+            raise BackendError(
+                f"ONNX Runtime could not start {', '.join(missing)} (running: {', '.join(self.providers)}; "
+                f"available in this install: {', '.join(ort.get_available_providers())}). For CUDA install "
+                "'m3rt[gpu]' (onnxruntime-gpu, not onnxruntime) on a machine with an NVIDIA GPU."
+            )
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}

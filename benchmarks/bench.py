@@ -148,7 +148,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if note := reference_unavailable(checkpoint):
             notes.append(note)
         else:
-            runners.insert(0, ("reference", partial(reference_runner, checkpoint, args.batch_size, device)))
+            runners.insert(
+                0, ("reference", partial(reference_runner, checkpoint, args.artifact, args.batch_size, device))
+            )
 
     lengths = [min(n, manifest.max_length) for n in args.lengths]
     workloads = {name: factory.distribution(name, args.texts) for name in args.distributions}
@@ -351,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corpus", type=Path, help="a file of lines to use instead of generated workloads")
     parser.add_argument("--texts", type=int, default=64, help="texts per generated workload")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--token-budget", type=int, default=16384)
+    parser.add_argument(
+        "--token-budget", type=int, default=8192, help="padded tokens per m3rt batch (the runtime default)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20, help="latency samples per cell (at most)")
     parser.add_argument("--throughput-runs", type=int, default=2, help="best of this many runs")

@@ -96,17 +96,70 @@ def reference_unavailable(checkpoint: Path | None) -> str | None:
     if checkpoint is None or not Path(checkpoint).is_dir():
         return f"PyTorch reference: skipped (source checkpoint {checkpoint} not available; pass --checkpoint DIR)"
     try:
-        import FlagEmbedding  # noqa: F401
         import torch  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError as exc:
-        return f"PyTorch reference: skipped (FlagEmbedding/torch not importable: {exc})"
+        return f"PyTorch reference: skipped (torch/transformers not importable: {exc}; pip install 'm3rt[export]')"
     return None
 
 
-def reference_runner(checkpoint: Path, batch_size: int, device: str) -> Runner:
-    """FlagEmbedding's BGEM3FlagModel on the source checkpoint."""
+class TorchBackend:
+    """The PyTorch model behind m3rt's backend interface, for when FlagEmbedding is not installed:
+    fp16 + SDPA on a GPU, fp32 on a CPU, as FlagEmbedding would run it."""
+
+    name = "pytorch"
+
+    def __init__(self, checkpoint: Path, device: str) -> None:
+        import torch
+
+        from m3rt.export.checkpoint import load_reference
+
+        self._torch, self._device = torch, device
+        module = load_reference(Path(checkpoint), attn_implementation="sdpa")
+        self._module = (module.half() if device == "cuda" else module).to(device)
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.no_grad():
+            values = self._module(
+                torch.from_numpy(input_ids).to(self._device), torch.from_numpy(attention_mask).to(self._device)
+            )
+        named = dict(zip(OUTPUT_NAMES, values))
+        return {name: named[name].float().cpu().numpy() for name in outputs}
+
+
+def _pytorch_in_m3rt_pipeline(checkpoint: Path, artifact: Path, batch_size: int, device: str) -> Runner:
     import torch
-    from FlagEmbedding import BGEM3FlagModel
+
+    from m3rt.manifest import load_manifest
+    from m3rt.tokenizer import M3Tokenizer
+
+    manifest = load_manifest(artifact, verify=False)
+    model = M3Model(manifest, TorchBackend(checkpoint, device), M3Tokenizer(manifest.tokenizer_path))
+    fp16 = device == "cuda"
+    return Runner(
+        name=f"PyTorch (m3rt pipeline) {device} {'fp16' if fp16 else 'fp32'}",
+        device=device,
+        precision="fp16" if fp16 else "fp32",
+        encode=lambda texts, max_length: model.encode(texts, batch_size=batch_size, max_length=max_length, **ALL),
+        forward=lambda ids, mask: model.backend.run(ids, mask, OUTPUT_NAMES),
+        padded_tokens=lambda lengths: int(
+            sum(len(b) * lengths[b].max() for b in plan_batches(lengths, batch_size, model.token_budget))
+        ),
+        is_reference=True,
+        device_peak_bytes=(lambda: int(torch.cuda.max_memory_allocated())) if fp16 else (lambda: None),
+    )
+
+
+def reference_runner(checkpoint: Path, artifact: Path, batch_size: int, device: str) -> Runner:
+    """FlagEmbedding's BGEM3FlagModel on the source checkpoint; without FlagEmbedding, the same
+    PyTorch model in m3rt's pipeline (tokeniser, scheduler and post-processing)."""
+    import torch
+
+    try:
+        from FlagEmbedding import BGEM3FlagModel
+    except ImportError:
+        return _pytorch_in_m3rt_pipeline(checkpoint, artifact, batch_size, device)
 
     fp16 = device == "cuda"
     model = BGEM3FlagModel(str(checkpoint), use_fp16=fp16, devices=device)

@@ -118,11 +118,11 @@ def _load_head(path: Path, hidden: int, out_features: int | None) -> nn.Linear:
     return linear
 
 
-def load_reference(path: Path) -> M3Reference:
-    """Encoder in fp32 with eager attention: the form the exporter traces and fuses."""
+def load_reference(path: Path, attn_implementation: str = "eager") -> M3Reference:
+    """Encoder in fp32; eager attention by default, the form the exporter traces and fuses."""
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(path, attn_implementation="eager").float().eval()
+    encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation).float().eval()
     encoder.pooler = None  # unused by BGE-M3; keeps it out of the graph
     hidden = encoder.config.hidden_size
     colbert = _load_head(path / "colbert_linear.pt", hidden, None)

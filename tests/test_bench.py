@@ -84,3 +84,14 @@ def test_flops_formula_matches_the_anchor():
     # anchors.md: F(S) = 604 M + 98,304 * S for BGE-M3.
     assert flops_per_token(0) == pytest.approx(604e6, rel=1e-3)
     assert flops_per_token(1000) - flops_per_token(0) == pytest.approx(98_304_000)
+
+
+def test_without_flag_embedding_the_reference_is_pytorch_in_m3rt_pipeline(tiny, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "FlagEmbedding", None)  # makes `import FlagEmbedding` fail
+    assert main([str(tiny[1]), "--checkpoint", str(tiny[0]), "--out", str(tmp_path), *QUICK]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    reference = data["results"][0]
+    assert reference["runner"] == "PyTorch (m3rt pipeline) cpu fp32" and reference["reference"]
+    assert reference["fidelity_vs_fp32"]["dense_cos_min"] > 0.9999

@@ -1,0 +1,643 @@
+"""Device-side post-processing: the CUDA kernels of kernels/cuda/, compiled at run time with NVRTC.
+
+The model's outputs already live on the GPU; aggregating the sparse weights and dropping ColBERT
+padding there means only the compact results cross PCIe. CPU twins with the reference semantics:
+`m3rt.kernels.sparse.aggregate_sparse` and `m3rt.kernels.colbert.split_colbert`.
+
+cuda-python is imported lazily (never by `import m3rt.kernels`). It is used through
+`cuda.bindings` (nvrtc, driver, runtime), whose API mirrors the C API and is stable across
+releases; `cuda.core` lived in `cuda.core.experimental`, "subject to change without deprecation",
+until recently, so it is not relied on. Device pointers are plain ints (OrtValue.data_ptr(), CuPy
+`.data.ptr`, torch `.data_ptr()`), streams are `cudaStream_t` handles as ints (0 = legacy default).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3rt.cuda import check, gpu_unavailable_reason, runtime_api
+from m3rt.errors import BackendError, InputError
+from m3rt.kernels.colbert import split_colbert
+from m3rt.kernels.sparse import SparseRows, aggregate_sparse
+
+CUDA_DIR = Path(__file__).resolve().parent / "cuda"
+HEADER = "m3rt_kernels.cuh"
+SOURCES = ("sparse_aggregate.cu", "colbert_compact.cu")
+KERNELS = (
+    "m3rt_sparse_clear",
+    "m3rt_sparse_insert",
+    "m3rt_sparse_count",
+    "m3rt_sparse_offsets",
+    "m3rt_sparse_compact",
+    "m3rt_colbert_compact",
+)
+# Must match M3RT_ROW_THREADS / M3RT_SCAN_THREADS / M3RT_COPY_THREADS and sizeof(m3rt_sparse_slot).
+ROW_THREADS = 256
+SCAN_THREADS = 1024
+COPY_THREADS = 256
+SLOT_BYTES = 12
+# Grid-stride kernels need no more blocks than keep the GPU busy; fewer launches of huge grids.
+MAX_STRIDE_BLOCKS = 8192
+MAX_GRID_Y = 65535
+
+GPU_HINT = "pip install 'm3rt[gpu]'"
+NVRTC_HINT = (
+    "libnvrtc was not found: install the CUDA toolkit, or pip install nvidia-cuda-nvrtc (CUDA 13) / "
+    "nvidia-cuda-nvrtc-cu12 (CUDA 12)"
+)
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        try:
+            from cuda import nvrtc  # cuda-python < 12.6 layout
+        except ImportError as exc:
+            raise BackendError(f"cuda-python is not installed: {GPU_HINT}") from exc
+    return nvrtc
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # cuda-python < 12.6 layout
+        except ImportError as exc:
+            raise BackendError(f"cuda-python is not installed: {GPU_HINT}") from exc
+    return driver
+
+
+def _drv_check(result: tuple) -> Any:
+    err, *values = result
+    if int(err) != 0:
+        name = _driver().cuGetErrorName(err)[1]
+        raise BackendError(f"CUDA driver error {int(err)} ({name.decode() if isinstance(name, bytes) else name})")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _nvrtc_call(nvrtc, result: tuple, what: str) -> Any:
+    err, *values = result
+    if int(err) != 0:
+        name = nvrtc.nvrtcGetErrorString(err)[1]
+        raise BackendError(f"NVRTC {what} failed: {name.decode() if isinstance(name, bytes) else name}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def read_sources() -> dict[str, bytes]:
+    """The CUDA sources by file name (header first), as shipped in the package."""
+    names = (HEADER, *SOURCES)
+    missing = [n for n in names if not (CUDA_DIR / n).is_file()]
+    if missing:
+        raise BackendError(f"CUDA sources missing from the m3rt install: {', '.join(missing)} in {CUDA_DIR}")
+    return {name: (CUDA_DIR / name).read_bytes() for name in names}
+
+
+def supported_archs() -> list[int]:
+    """Compute capabilities (e.g. 90) the available NVRTC can target."""
+    nvrtc = _nvrtc()
+    try:
+        return sorted(int(a) for a in _nvrtc_call(nvrtc, nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs"))
+    except BackendError:
+        raise
+    except Exception as exc:  # cuda-python raises its own loader errors when libnvrtc is absent
+        raise BackendError(f"{NVRTC_HINT} ({exc})") from exc
+
+
+def target_arch(major: int, minor: int) -> str:
+    """`sm_XY` (a cubin) when NVRTC knows the device, else PTX for the newest older arch (driver JIT)."""
+    cc = major * 10 + minor
+    archs = supported_archs()
+    if cc in archs:
+        return f"sm_{cc}"
+    older = [a for a in archs if a <= cc]
+    if not older:
+        raise BackendError(f"NVRTC cannot target compute capability {major}.{minor} (supports {archs})")
+    return f"compute_{older[-1]}"
+
+
+@functools.cache
+def compile_sources(arch: str = "sm_90") -> bytes:
+    """Compile every kernel into one image: a cubin for `sm_XY`, PTX for `compute_XY`.
+
+    Needs only libnvrtc, no GPU. Cached per process and arch. The header and the sources are handed
+    to NVRTC from memory, so nothing depends on include paths or the current directory.
+    """
+    nvrtc = _nvrtc()
+    files = read_sources()
+    program_src = "".join(f'#include "{name}"\n' for name in SOURCES).encode()
+    names = list(files)
+    try:
+        prog = _nvrtc_call(
+            nvrtc,
+            nvrtc.nvrtcCreateProgram(
+                program_src, b"m3rt_kernels.cu", len(names), list(files.values()), [n.encode() for n in names]
+            ),
+            "nvrtcCreateProgram",
+        )
+    except BackendError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"{NVRTC_HINT} ({exc})") from exc
+    try:
+        # No fast-math: the kernels must reproduce the CPU results bit for bit.
+        options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        if int(err) != 0:
+            size = _nvrtc_call(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            _nvrtc_call(nvrtc, nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+            raise BackendError(f"NVRTC could not compile the m3rt kernels for {arch}:\n{log.decode(errors='replace')}")
+        if arch.startswith("sm_"):
+            size = _nvrtc_call(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+            image = b" " * size
+            _nvrtc_call(nvrtc, nvrtc.nvrtcGetCUBIN(prog, image), "nvrtcGetCUBIN")
+        else:
+            size = _nvrtc_call(nvrtc, nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+            image = b" " * size
+            _nvrtc_call(nvrtc, nvrtc.nvrtcGetPTX(prog, image), "nvrtcGetPTX")
+        return image
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def sparse_table_log2(seq_len: int) -> int:
+    """log2 of the hash-table slots per row: a power of two >= 2 * seq_len (m3rt_sparse_table_log2)."""
+    log2 = 4
+    while (1 << log2) < 2 * seq_len:
+        log2 += 1
+    return log2
+
+
+def colbert_counts(attention_mask: np.ndarray) -> np.ndarray:
+    """Per-row ColBERT vector counts of a right-padded batch: mask.sum() - 1, at least 0."""
+    mask = np.asarray(attention_mask)
+    return np.maximum(np.count_nonzero(mask, axis=1).astype(np.int64) - 1, 0)
+
+
+class _Modules:
+    """One loaded module per device per process (the primary context outlives any DeviceKernels)."""
+
+    lock = threading.Lock()
+    by_device: dict[int, tuple[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def get(cls, device: int) -> tuple[str, dict[str, Any]]:
+        with cls.lock:
+            if device not in cls.by_device:
+                driver = _driver()
+                props = check(runtime_api().cudaGetDeviceProperties(device))
+                arch = target_arch(props.major, props.minor)
+                image = compile_sources(arch)
+                if not image.endswith(b"\0"):
+                    image += b"\0"  # PTX is read as a C string (a cubin does not care)
+                image = np.frombuffer(image, dtype=np.uint8)
+                module = _drv_check(driver.cuModuleLoadData(image.ctypes.data))
+                functions = {name: _drv_check(driver.cuModuleGetFunction(module, name.encode())) for name in KERNELS}
+                cls.by_device[device] = (arch, functions)
+            return cls.by_device[device]
+
+
+class DeviceKernels:
+    """Runs m3rt's CUDA kernels on device buffers and returns compact host results.
+
+    Every method enqueues on `stream`, copies only the compact result to pinned host memory and
+    synchronizes that stream before returning. The inputs must be complete in `stream`'s order: pass
+    the stream that produced them (or synchronize their producer first). Scratch buffers grow and
+    are then reused, so steady state allocates nothing on the device. Sparse scratch is about
+    12 * B * (2 S rounded up to a power of two) + 16 * B * S bytes (~80 MiB for B = 256, S = 8192).
+    One instance serializes its own calls (a lock); use one instance per thread for concurrency.
+    Calls make `device` current on the calling thread.
+    """
+
+    def __init__(self, device: int = 0) -> None:
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            raise BackendError(f"device kernels need a CUDA GPU: {reason}. GPU support: {GPU_HINT}")
+        self.device = device
+        self._cudart = runtime_api()
+        self._driver = _driver()
+        self._activate()
+        check(self._cudart.cudaFree(0))  # older runtimes create the primary context lazily
+        self.arch, self._functions = _Modules.get(device)
+        self._lock = threading.Lock()
+        self._device_buffers: dict[str, tuple[int, int]] = {}
+        self._host_buffers: dict[str, tuple[int, int]] = {}
+        self._specials: tuple[int, ...] | None = None
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def aggregate_sparse(
+        self,
+        weights_ptr: int,
+        input_ids_ptr: int,
+        attention_mask_ptr: int | None,
+        shape: Sequence[int],
+        special_ids: Iterable[int],
+        stream: int = 0,
+    ) -> SparseRows:
+        """Device twin of `aggregate_sparse`.
+
+        weights: float32 of `shape` [B, S] or [B, S, 1]; input_ids and attention_mask: int64 [B, S],
+        contiguous; attention_mask_ptr None or 0 keeps every position.
+        """
+        batch, seq_len = _sparse_shape(shape)
+        if batch == 0 or seq_len == 0:
+            return SparseRows(np.zeros(batch + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+        tokens = batch * seq_len
+        log2 = sparse_table_log2(seq_len)
+        slots = batch << log2
+        cudart = self._cudart
+        with self._lock:
+            self._activate()
+            specials_ptr, num_special = self._upload_specials(special_ids)
+            table = self._device("sparse_table", slots * SLOT_BYTES)
+            slot_of = self._device("sparse_slot_of", tokens * 4)
+            counts = self._device("sparse_counts", batch * 4)
+            offsets = self._device("sparse_offsets", (batch + 1) * 8)
+            entries = self._device("sparse_entries", tokens * 12)
+            p, i32, i64 = np.uint64, np.int32, np.int64
+            self._launch("m3rt_sparse_clear", _stride_grid(slots), ROW_THREADS, stream, (p, table), (i64, slots))
+            self._launch(
+                "m3rt_sparse_insert", _stride_grid(tokens), ROW_THREADS, stream,
+                (p, weights_ptr), (p, input_ids_ptr), (p, attention_mask_ptr or 0), (p, specials_ptr),
+                (i32, num_special), (i32, batch), (i32, seq_len), (i32, log2), (p, table), (p, slot_of),
+            )  # fmt: skip
+            self._launch(
+                "m3rt_sparse_count", batch, ROW_THREADS, stream,
+                (p, slot_of), (p, table), (i32, batch), (i32, seq_len), (i32, log2), (p, counts),
+            )  # fmt: skip
+            self._launch("m3rt_sparse_offsets", 1, SCAN_THREADS, stream, (p, counts), (i32, batch), (p, offsets))
+            self._launch(
+                "m3rt_sparse_compact", batch, ROW_THREADS, stream,
+                (p, input_ids_ptr), (p, slot_of), (p, table), (p, offsets), (i32, batch), (i32, seq_len),
+                (i32, log2), (p, entries),
+            )  # fmt: skip
+            # The entry count is known only on the device: read the offsets first (B + 1 int64s), then
+            # copy exactly offsets[B] ids and weights in one transfer.
+            host = self._host("sparse", (batch + 1) * 8)
+            self._copy_to_host(host, offsets, (batch + 1) * 8, stream)
+            check(cudart.cudaStreamSynchronize(stream))
+            indptr = _host_array(host, (batch + 1) * 8, np.int64).copy()
+            total = int(indptr[-1])
+            if total == 0:
+                return SparseRows(indptr, np.zeros(0, np.int64), np.zeros(0, np.float32))
+            host = self._host("sparse", total * 12)
+            self._copy_to_host(host, entries, total * 12, stream)
+            check(cudart.cudaStreamSynchronize(stream))
+            ids = _host_array(host, total * 8, np.int64).copy()
+            weights = _host_array(host + total * 8, total * 4, np.float32).copy()
+        return SparseRows(indptr, ids, weights)
+
+    def compact_colbert(
+        self,
+        colbert_ptr: int,
+        shape: Sequence[int],
+        counts: np.ndarray | Sequence[int],
+        stream: int = 0,
+        fp16: bool = False,
+    ) -> list[np.ndarray]:
+        """Device twin of `split_colbert`: per-row host arrays [counts[r], D].
+
+        colbert: float32 [B, S-1, D] contiguous; counts: per-row valid vectors (host), e.g.
+        `colbert_counts(attention_mask)`, clamped to [0, S-1]. fp16=True converts on the device
+        (round to nearest even, as numpy's astype(float16)) and returns float16 arrays.
+        """
+        if len(shape) != 3:
+            raise InputError(f"colbert shape {tuple(shape)} must be [batch, seq - 1, dim]")
+        batch, rows_per_text, dim = (int(x) for x in shape)
+        counts = np.clip(np.asarray(counts, dtype=np.int64).reshape(-1), 0, rows_per_text)
+        if counts.shape[0] != batch:
+            raise InputError(f"{counts.shape[0]} ColBERT counts for a batch of {batch}")
+        dtype = np.dtype(np.float16 if fp16 else np.float32)
+        offsets = np.zeros(batch + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        total = int(offsets[-1])
+        if total == 0 or dim == 0:
+            return [np.zeros((int(n), dim), dtype) for n in counts]
+        out_bytes = total * dim * dtype.itemsize
+        offsets_bytes = (batch + 1) * 8
+        with self._lock:
+            self._activate()
+            d_offsets = self._device("colbert_offsets", offsets_bytes)
+            d_out = self._device("colbert_out", out_bytes)
+            # One pinned buffer: the offsets to upload, then the result (the stream orders the two).
+            host = self._host("colbert", offsets_bytes + out_bytes)
+            _host_array(host, offsets_bytes, np.int64)[:] = offsets
+            kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            check(self._cudart.cudaMemcpyAsync(d_offsets, host, offsets_bytes, kind, stream))
+            vec = 4 if dim % 4 == 0 else 1
+            grid_x = max(1, min(-(-int(counts.max()) * dim // (vec * COPY_THREADS)), 1024))
+            p, i32 = np.uint64, np.int32
+            self._launch(
+                "m3rt_colbert_compact", (grid_x, min(batch, MAX_GRID_Y)), COPY_THREADS, stream,
+                (p, colbert_ptr), (p, d_offsets), (i32, batch), (i32, rows_per_text), (i32, dim), (i32, int(fp16)),
+                (p, d_out),
+            )  # fmt: skip
+            self._copy_to_host(host + offsets_bytes, d_out, out_bytes, stream)
+            check(self._cudart.cudaStreamSynchronize(stream))
+            flat = _host_array(host + offsets_bytes, out_bytes, dtype).reshape(total, dim)
+            # Copies, so that the reused pinned buffer is free again and a kept text owns only its rows.
+            return [flat[lo:hi].copy() for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+    def close(self) -> None:
+        """Free the scratch buffers (the compiled module stays loaded for the process)."""
+        with self._lock:
+            self._activate()
+            for ptr, _ in self._device_buffers.values():
+                self._cudart.cudaFree(ptr)
+            for ptr, _ in self._host_buffers.values():
+                self._cudart.cudaFreeHost(ptr)
+            self._device_buffers.clear()
+            self._host_buffers.clear()
+            self._specials = None
+
+    def __enter__(self) -> DeviceKernels:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _activate(self) -> None:
+        # cudaSetDevice makes the device's primary context current (initialising it, CUDA >= 12),
+        # which the driver-API module and launches use; cheap when it is already current.
+        check(self._cudart.cudaSetDevice(self.device))
+
+    def _device(self, name: str, nbytes: int) -> int:
+        return self._grow(self._device_buffers, name, nbytes, self._cudart.cudaMalloc, self._cudart.cudaFree)
+
+    def _host(self, name: str, nbytes: int) -> int:
+        return self._grow(self._host_buffers, name, nbytes, self._cudart.cudaMallocHost, self._cudart.cudaFreeHost)
+
+    @staticmethod
+    def _grow(buffers: dict[str, tuple[int, int]], name: str, nbytes: int, alloc: Callable, free: Callable) -> int:
+        ptr, size = buffers.get(name, (0, 0))
+        if nbytes <= size:
+            return ptr
+        if ptr:
+            free(ptr)  # implicitly synchronizes, and only on growth
+            del buffers[name]
+        # Headroom so that slowly growing batches do not reallocate every call.
+        size = max(nbytes, size + size // 2, 1 << 16)
+        size = -(-size // (1 << 16)) * (1 << 16)
+        ptr = int(check(alloc(size)))
+        buffers[name] = (ptr, size)
+        return ptr
+
+    def _upload_specials(self, special_ids: Iterable[int]) -> tuple[int, int]:
+        specials = tuple(int(x) for x in special_ids)
+        if not specials:
+            return 0, 0
+        ptr = self._device("specials", len(specials) * 8)
+        if specials != self._specials:
+            # Synchronous: tiny, only when the set changes, and no call of ours is in flight here.
+            data = np.asarray(specials, dtype=np.int64)
+            kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            check(self._cudart.cudaMemcpy(ptr, data.ctypes.data, data.nbytes, kind))
+            self._specials = specials
+        return ptr, len(specials)
+
+    def _copy_to_host(self, host_ptr: int, device_ptr: int, nbytes: int, stream: int) -> None:
+        kind = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        check(self._cudart.cudaMemcpyAsync(host_ptr, device_ptr, nbytes, kind, stream))
+
+    def _launch(self, name: str, grid: int | tuple[int, int], block: int, stream: int, *args: tuple) -> None:
+        gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
+        # cuLaunchKernel takes void*[]: one pointer per argument to a value of the kernel's own type.
+        values = [np.array([value], dtype=dtype) for dtype, value in args]
+        pointers = np.array([v.ctypes.data for v in values], dtype=np.uint64)
+        _drv_check(
+            self._driver.cuLaunchKernel(
+                self._functions[name], gx, gy, 1, block, 1, 1, 0, self._driver.CUstream(stream),
+                pointers.ctypes.data, 0,
+            )
+        )  # fmt: skip
+
+
+def _sparse_shape(shape: Sequence[int]) -> tuple[int, int]:
+    shape = tuple(int(x) for x in shape)
+    if len(shape) == 3 and shape[2] == 1:
+        shape = shape[:2]
+    if len(shape) != 2:
+        raise InputError(f"sparse weights shape {shape} must be [batch, seq] or [batch, seq, 1]")
+    batch, seq_len = shape
+    if seq_len >= 1 << 28 or batch >= 1 << 31:
+        raise InputError(f"sparse weights shape {shape} is too large for the device kernel")
+    return batch, seq_len
+
+
+def _stride_grid(n: int) -> int:
+    return max(1, min(-(-n // ROW_THREADS), MAX_STRIDE_BLOCKS))
+
+
+def _host_array(ptr: int, nbytes: int, dtype: Any) -> np.ndarray:
+    """A numpy view of pinned host memory (valid until the buffer grows)."""
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype)
+
+
+# -- checks against the CPU kernels (run on a GPU) -----------------------------------------------
+
+SPECIALS = (0, 1, 2, 3)  # XLM-R's <s>, <pad>, </s>, <unk>
+
+
+def _right_padded_mask(rng: np.random.Generator, batch: int, seq_len: int, full: bool = False) -> np.ndarray:
+    lengths = np.full(batch, seq_len) if full else rng.integers(0, seq_len + 1, size=batch)
+    return (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int64)
+
+
+def _sparse_case(rng: np.random.Generator, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple]:
+    """(weights, ids, mask, specials) for a named edge case."""
+
+    def weights(b: int, s: int) -> np.ndarray:
+        return rng.standard_normal((b, s)).astype(np.float32)
+
+    if name == "random":
+        w, ids = weights(6, 37), rng.integers(0, 60, (6, 37))
+        w[0, :3] = [np.nan, -0.0, 0.0]  # dropped like non-positive weights
+        return w, ids, _right_padded_mask(rng, 6, 37), SPECIALS
+    if name == "batch_1":
+        return weights(1, 300), rng.integers(0, 200, (1, 300)), _right_padded_mask(rng, 1, 300, True), SPECIALS
+    if name == "all_special":
+        return np.abs(weights(4, 50)) + 0.1, rng.integers(0, 4, (4, 50)), _right_padded_mask(rng, 4, 50), SPECIALS
+    if name == "empty_rows":
+        mask = _right_padded_mask(rng, 8, 40)
+        mask[::2] = 0
+        return weights(8, 40), rng.integers(0, 100, (8, 40)), mask, SPECIALS
+    if name == "all_masked":
+        return weights(3, 16), rng.integers(4, 100, (3, 16)), np.zeros((3, 16), np.int64), SPECIALS
+    if name == "non_positive":
+        w = -np.abs(weights(5, 64))
+        w[:, ::7] = 0.0
+        return w, rng.integers(4, 100, (5, 64)), _right_padded_mask(rng, 5, 64, True), SPECIALS
+    if name == "long_8192":
+        return weights(3, 8192), rng.integers(0, 250002, (3, 8192)), _right_padded_mask(rng, 3, 8192), SPECIALS
+    if name == "few_ids_many_repeats":
+        # Heavy contention on a handful of slots, with tied maxima (few distinct weights).
+        w = rng.integers(-2, 6, (8, 4096)).astype(np.float32) / 4
+        return w, rng.integers(2, 9, (8, 4096)), _right_padded_mask(rng, 8, 4096, True), SPECIALS
+    if name == "large_batch":
+        return weights(640, 96), rng.integers(0, 5000, (640, 96)), _right_padded_mask(rng, 640, 96), SPECIALS
+    if name == "int64_ids":
+        # Ids that differ only above bit 32, negative ids, and the extremes: 64-bit hashing and compares.
+        pool = np.array([5, 5 + (1 << 32), 5 + (1 << 40), -5, -(1 << 62), (1 << 63) - 1, -(1 << 63), 7], np.int64)
+        return weights(4, 200), pool[rng.integers(0, len(pool), (4, 200))], None, ()
+    if name == "weights_bs1":
+        return weights(3, 33)[..., None], rng.integers(0, 40, (3, 33)), _right_padded_mask(rng, 3, 33), SPECIALS
+    if name == "no_mask_no_specials":
+        return weights(4, 129), rng.integers(0, 30, (4, 129)), None, ()
+    if name == "empty_batch":
+        return np.zeros((0, 10), np.float32), np.zeros((0, 10), np.int64), np.zeros((0, 10), np.int64), SPECIALS
+    raise KeyError(name)
+
+
+SPARSE_CASES = (
+    "random", "batch_1", "all_special", "empty_rows", "all_masked", "non_positive", "long_8192",
+    "few_ids_many_repeats", "large_batch", "int64_ids", "weights_bs1", "no_mask_no_specials", "empty_batch",
+)  # fmt: skip
+# (batch, seq - 1, dim, fp16, all rows full)
+COLBERT_CASES = {
+    "colbert_random": (5, 20, 8, False, False),
+    "colbert_fp16": (5, 20, 8, True, False),
+    "colbert_odd_dim": (4, 9, 6, False, False),
+    "colbert_odd_dim_fp16": (4, 9, 6, True, False),
+    "colbert_8192": (2, 8191, 1024, False, True),
+    "colbert_8192_fp16": (2, 8191, 1024, True, False),
+    "colbert_large_batch": (300, 15, 32, False, False),
+}
+CASES = SPARSE_CASES + tuple(COLBERT_CASES)
+
+
+class _DeviceArrays:
+    """Device copies of host arrays via the CUDA runtime (no torch/CuPy), freed on exit."""
+
+    def __init__(self) -> None:
+        self.cudart = runtime_api()
+        self.ptrs: list[int] = []
+
+    def put(self, array: np.ndarray | None) -> int:
+        if array is None:
+            return 0
+        array = np.ascontiguousarray(array)
+        ptr = int(check(self.cudart.cudaMalloc(max(array.nbytes, 1))))
+        self.ptrs.append(ptr)
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        check(self.cudart.cudaMemcpy(ptr, array.ctypes.data, array.nbytes, kind))
+        return ptr
+
+    def __enter__(self) -> _DeviceArrays:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ptr in self.ptrs:
+            self.cudart.cudaFree(ptr)
+
+
+def compare_sparse(got: SparseRows, want: SparseRows) -> str:
+    """'' when equal (offsets, ids, order, weight bits), else where they first differ."""
+    if not np.array_equal(got.indptr, want.indptr):
+        if len(got.indptr) != len(want.indptr):
+            return f"{len(got.indptr) - 1} rows, expected {len(want.indptr) - 1}"
+        rows = np.flatnonzero(np.diff(got.indptr) != np.diff(want.indptr))[:5].tolist()
+        return f"row sizes differ (rows {rows}; totals {got.indptr[-1]} vs {want.indptr[-1]})"
+    if not np.array_equal(got.indices, want.indices):
+        at = int(np.flatnonzero(got.indices != want.indices)[0])
+        return f"ids or their order differ, first at entry {at}: {got.indices[at]} vs {want.indices[at]}"
+    if not np.array_equal(got.values.view(np.uint32), want.values.view(np.uint32)):
+        at = int(np.flatnonzero(got.values.view(np.uint32) != want.values.view(np.uint32))[0])
+        return f"weights differ in bits, first at entry {at}: {got.values[at]!r} vs {want.values[at]!r}"
+    return ""
+
+
+def check_kernels_against_cpu(
+    kernels: DeviceKernels,
+    rng: np.random.Generator,
+    cases: Iterable[str] = CASES,
+) -> list[tuple[str, bool, str]]:
+    """Run the device and the CPU kernels on the same inputs; (case, ok, detail) per case.
+
+    Exact comparison: offsets, ids and their order equal, weights equal bit for bit (a max of the
+    same floats), ColBERT rows equal bit for bit (fp16 against numpy's astype(float16)). Inputs are
+    copied to the device with cudaMalloc/cudaMemcpy; a non-default stream is used for the kernels.
+    """
+    cudart = runtime_api()
+    kernels._activate()
+    stream = int(check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)))
+    results: list[tuple[str, bool, str]] = []
+    try:
+        for case in cases:
+            try:
+                with _DeviceArrays() as dev:
+                    if case in COLBERT_CASES:
+                        results.append((case, *_check_colbert(kernels, dev, rng, COLBERT_CASES[case], stream)))
+                    else:
+                        results.append((case, *_check_sparse(kernels, dev, rng, case, stream)))
+            except Exception as exc:  # one broken case must not hide the others
+                results.append((case, False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        cudart.cudaStreamDestroy(stream)
+    return results
+
+
+def _check_sparse(
+    kernels: DeviceKernels, dev: _DeviceArrays, rng: np.random.Generator, case: str, stream: int
+) -> tuple[bool, str]:
+    w, ids, mask, specials = _sparse_case(rng, case)
+    w = np.ascontiguousarray(w, np.float32)
+    ids = np.ascontiguousarray(ids, np.int64)
+    got = kernels.aggregate_sparse(dev.put(w), dev.put(ids), dev.put(mask), w.shape, specials, stream=stream)
+    want = aggregate_sparse(w, ids, mask, specials)
+    detail = compare_sparse(got, want)
+    return (False, detail) if detail else (True, f"{want.indptr[-1]} entries in {want.num_rows} rows")
+
+
+def _check_colbert(
+    kernels: DeviceKernels, dev: _DeviceArrays, rng: np.random.Generator, spec: tuple, stream: int
+) -> tuple[bool, str]:
+    batch, rows, dim, fp16, full = spec
+    vecs = rng.standard_normal((batch, rows, dim)).astype(np.float32)
+    mask = _right_padded_mask(rng, batch, rows + 1, full)
+    if batch > 1:
+        mask[1] = 0  # a row with no vectors at all
+    got = kernels.compact_colbert(dev.put(vecs), vecs.shape, colbert_counts(mask), stream=stream, fp16=fp16)
+    want = split_colbert(vecs, mask)
+    if fp16:
+        want = [w.astype(np.float16) for w in want]
+    detail = compare_colbert(got, want)
+    return (False, detail) if detail else (True, f"{sum(len(w) for w in want)} vectors in {batch} rows")
+
+
+def compare_colbert(got: list[np.ndarray], want: list[np.ndarray]) -> str:
+    """'' when the rows are equal in dtype, shape and bits, else the first difference."""
+    if len(got) != len(want):
+        return f"{len(got)} rows, expected {len(want)}"
+    for r, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return f"row {r}: {g.dtype}{g.shape}, expected {w.dtype}{w.shape}"
+        if g.tobytes() != w.tobytes():
+            return f"row {r}: values differ"
+    return ""
+
+
+def main() -> int:
+    """`python -m m3rt.kernels.device`: the GPU check, one line per case; exit status 1 on a mismatch."""
+    with DeviceKernels() as kernels:
+        print(f"device kernels compiled for {kernels.arch}")
+        results = check_kernels_against_cpu(kernels, np.random.default_rng(0))
+    for case, ok, detail in results:
+        print(f"{'ok  ' if ok else 'FAIL'} {case}: {detail}")
+    return 0 if all(ok for _, ok, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from m3rt.backends import Backend, create_backend
 from m3rt.errors import BackendError, InputError
-from m3rt.kernels import SparseRows, aggregate_sparse, split_colbert
+from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
-from m3rt.scheduler import Batch, iter_batches, pad_batch
+from m3rt.pipeline import Stages, TokenProgress, run_pipeline
+from m3rt.postprocess import OutputCollector
+from m3rt.scheduler import Batch, pad_batch, plan_batches, split_batch, token_lengths
 from m3rt.scoring import colbert_score, combine_scores, lexical_matching_score, lexical_matching_scores
 from m3rt.tokenizer import M3Tokenizer
 
@@ -92,7 +93,9 @@ class M3Model:
         specials = manifest.special_tokens
         self.pad_id = specials["pad"]
         self.unused_ids = tuple(sorted({specials[k] for k in _UNUSED_SPECIALS if k in specials}))
-        self._tokenizer_lock = threading.Lock()
+        # Backends that keep per-call state (device buffers, a CUDA stream) run one batch at a time;
+        # those that say `thread_safe = True` (ONNX Runtime's session.run is) run concurrently.
+        self._backend_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -125,9 +128,11 @@ class M3Model:
             raise InputError("max_length must be >= 2: it counts <s> and </s>")
         return value
 
-    def _tokenize(self, texts: list[str], max_length: int, truncate: bool) -> list[np.ndarray]:
-        with self._tokenizer_lock:
-            return self.tokenizer.encode(texts, max_length=max_length, truncate=truncate).ids
+    def _tokenize(
+        self, texts: Sequence[str], max_length: int, truncate: bool, first_index: int = 0
+    ) -> list[np.ndarray]:
+        # M3Tokenizer.encode is thread-safe itself (it locks around its truncation setting).
+        return self.tokenizer.encode(texts, max_length=max_length, truncate=truncate, first_index=first_index).ids
 
     def encode(
         self,
@@ -169,8 +174,7 @@ class M3Model:
             )
             if wanted
         ]
-        ids = self._tokenize(texts, max_length, truncate)
-        dense, sparse, colbert = self._run(ids, batch_size, outputs, show_progress)
+        dense, sparse, colbert = self._run(texts, max_length, truncate, batch_size, outputs, show_progress)
 
         result: dict[str, Any] = {"dense_vecs": None, "lexical_weights": None, "colbert_vecs": None}
         if want_dense:
@@ -188,61 +192,45 @@ class M3Model:
         return result
 
     def _run(
-        self, ids: list[np.ndarray], batch_size: int, outputs: list[str], show_progress: bool | None
+        self,
+        texts: list[str],
+        max_length: int,
+        truncate: bool,
+        batch_size: int,
+        outputs: list[str],
+        show_progress: bool | None,
     ) -> tuple[np.ndarray | None, SparseRows | None, list[np.ndarray] | None]:
-        n = len(ids)
-        dense = np.zeros((n, self.manifest.hidden_size), dtype=np.float32) if "dense_vecs" in outputs else None
-        sparse_parts: list[SparseRows] = []
-        sparse_order: list[np.ndarray] = []
-        colbert: list[np.ndarray | None] | None = [None] * n if "colbert_vecs" in outputs else None
-        if not outputs or n == 0:
-            return dense, (SparseRows.concat([]) if "sparse_weights" in outputs else None), colbert
-
-        total_tokens = int(sum(len(x) for x in ids))
-        progress = tqdm(
-            total=total_tokens,
-            unit="tok",
-            desc="m3rt encode",
-            disable=(total_tokens < 100_000) if show_progress is None else not show_progress,
+        """Tokenise, batch, infer and post-process `texts` (pipelined); results in input order."""
+        collector = OutputCollector(len(texts), self.manifest.hidden_size, outputs, self.unused_ids)
+        if not outputs:
+            # Nothing to compute, but bad input (truncate=False) is still reported.
+            self._tokenize(texts, max_length, truncate)
+            return collector.finish()
+        stages = Stages(
+            tokenize=lambda chunk, first_index: self._tokenize(chunk, max_length, truncate, first_index),
+            plan=lambda ids: plan_batches(token_lengths(ids), batch_size, self.token_budget),
+            pad=lambda ids, positions, first_index: pad_batch(ids, positions, self.pad_id, first_index),
+            infer=lambda batch: self._infer(batch, outputs),
+            collect=collector.add,
         )
-        with progress:
-            for planned in iter_batches(ids, batch_size, self.token_budget, self.pad_id):
-                for batch, values in self._infer(ids, planned, outputs):
-                    rows = batch.indices
-                    if dense is not None:
-                        dense[rows] = values["dense_vecs"]
-                    if "sparse_weights" in values:
-                        weights = values["sparse_weights"]
-                        sparse_parts.append(
-                            aggregate_sparse(weights, batch.input_ids, batch.attention_mask, self.unused_ids)
-                        )
-                        sparse_order.append(rows)
-                    if colbert is not None:
-                        for index, vecs in zip(rows, split_colbert(values["colbert_vecs"], batch.attention_mask)):
-                            colbert[index] = vecs
-                    progress.update(int(batch.attention_mask.sum()))
+        with TokenProgress(show_progress) as progress:
+            run_pipeline(texts, stages, progress)
+        return collector.finish()
 
-        sparse = None
-        if sparse_parts:
-            # Rows come in length order; invert that permutation to restore input order.
-            position = np.empty(n, dtype=np.int64)
-            position[np.concatenate(sparse_order)] = np.arange(n)
-            sparse = SparseRows.concat(sparse_parts).take(position)
-        return dense, sparse, colbert
-
-    def _infer(self, ids: list[np.ndarray], batch: Batch, outputs: list[str]) -> list[tuple[Batch, dict]]:
+    def _infer(self, batch: Batch, outputs: list[str]) -> list[tuple[Batch, dict]]:
         """Run a batch; when it does not fit in memory, split it in halves and retry (nothing is lost)."""
         try:
-            return [(batch, self.backend.run(batch.input_ids, batch.attention_mask, outputs))]
+            return [(batch, self._run_backend(batch, outputs))]
         except BackendError as exc:
             if len(batch.indices) == 1 or not _is_out_of_memory(exc):
                 raise
-        half = len(batch.indices) // 2
-        return [
-            result
-            for part in (batch.indices[:half], batch.indices[half:])
-            for result in self._infer(ids, pad_batch(ids, part, self.pad_id), outputs)
-        ]
+        return [result for part in split_batch(batch) for result in self._infer(part, outputs)]
+
+    def _run_backend(self, batch: Batch, outputs: list[str]) -> dict:
+        if getattr(self.backend, "thread_safe", False):
+            return self.backend.run(batch.input_ids, batch.attention_mask, outputs)
+        with self._backend_lock:
+            return self.backend.run(batch.input_ids, batch.attention_mask, outputs)
 
     def encode_queries(
         self, queries: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None, **kwargs: Any

@@ -10,11 +10,16 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Batch:
-    """Row `k` of the padded arrays is input text `indices[k]`."""
+    """Row `k` of the padded arrays is input text `indices[k]` (its index in the caller's input)."""
 
     indices: np.ndarray
     input_ids: np.ndarray
     attention_mask: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) tokens: what the progress bar counts."""
+        return int(self.attention_mask.sum())
 
 
 def plan_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> list[np.ndarray]:
@@ -35,8 +40,12 @@ def plan_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> lis
     return batches
 
 
-def pad_batch(ids: list[np.ndarray], indices: np.ndarray, pad_id: int) -> Batch:
-    """Right-pad the selected texts: XLM-R position ids assume right padding."""
+def pad_batch(ids: list[np.ndarray], indices: np.ndarray, pad_id: int, first_index: int = 0) -> Batch:
+    """Right-pad the selected texts: XLM-R position ids assume right padding.
+
+    `indices` are positions in `ids`; `ids[0]` is input text `first_index` (texts are tokenised in
+    chunks), so the batch's `indices` are `first_index + indices`.
+    """
     width = max(len(ids[i]) for i in indices)
     input_ids = np.full((len(indices), width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(indices), width), dtype=np.int64)
@@ -44,10 +53,39 @@ def pad_batch(ids: list[np.ndarray], indices: np.ndarray, pad_id: int) -> Batch:
         seq = ids[index]
         input_ids[row, : len(seq)] = seq
         attention_mask[row, : len(seq)] = 1
+    indices = np.asarray(indices, dtype=np.int64) + first_index
     return Batch(indices=indices, input_ids=input_ids, attention_mask=attention_mask)
 
 
-def iter_batches(ids: list[np.ndarray], batch_size: int, token_budget: int, pad_id: int) -> Iterator[Batch]:
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    for indices in plan_batches(lengths, batch_size, token_budget):
-        yield pad_batch(ids, indices, pad_id)
+def split_batch(batch: Batch) -> tuple[Batch, Batch]:
+    """Halve a padded batch (rows kept in order), each half trimmed to its own longest member.
+
+    The same arrays `pad_batch` would build for either half, without needing the token ids again:
+    this is how a batch that ran out of memory is retried.
+    """
+    if len(batch.indices) < 2:
+        raise ValueError("a batch of one text cannot be split")
+    half = len(batch.indices) // 2
+
+    def part(rows: slice) -> Batch:
+        mask = batch.attention_mask[rows]
+        width = int(mask.sum(axis=1).max())
+        # Contiguous copies: backends hand the arrays to native code as they are.
+        return Batch(
+            batch.indices[rows],
+            np.ascontiguousarray(batch.input_ids[rows, :width]),
+            np.ascontiguousarray(mask[:, :width]),
+        )
+
+    return part(slice(0, half)), part(slice(half, None))
+
+
+def token_lengths(ids: list[np.ndarray]) -> np.ndarray:
+    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+
+
+def iter_batches(
+    ids: list[np.ndarray], batch_size: int, token_budget: int, pad_id: int, first_index: int = 0
+) -> Iterator[Batch]:
+    for indices in plan_batches(token_lengths(ids), batch_size, token_budget):
+        yield pad_batch(ids, indices, pad_id, first_index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,21 +29,27 @@ class M3Tokenizer:
         self._tok.no_padding()
         self._tok.no_truncation()
         self._max_length: int | None = None
+        # Truncation is state of the shared Rust tokenizer: setting it and encoding must be one step,
+        # or a concurrent call with another max_length changes it mid-call (tokenizers' bindings
+        # then raise "Already borrowed" or silently truncate to the other call's length).
+        self._lock = threading.Lock()
 
     def _set_max_length(self, max_length: int) -> None:
         if self._max_length != max_length:
             self._tok.enable_truncation(max_length=max_length, stride=0, strategy="longest_first")
             self._max_length = max_length
 
-    def encode(self, texts: Sequence[str], max_length: int, truncate: bool = True) -> Encoded:
-        """Tokenise `texts` to at most `max_length` ids each, specials included.
+    def encode(self, texts: Sequence[str], max_length: int, truncate: bool = True, *, first_index: int = 0) -> Encoded:
+        """Tokenise `texts` to at most `max_length` ids each, specials included. Thread-safe.
 
-        With `truncate=False` a text that does not fit raises InputTooLongError naming it.
+        With `truncate=False` a text that does not fit raises InputTooLongError naming it by its
+        index in the caller's input: `first_index` is that index of `texts[0]` (texts come in chunks).
         """
-        self._set_max_length(max_length)
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
+        with self._lock:
+            self._set_max_length(max_length)
+            encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
         if not truncate:
-            for index, enc in enumerate(encodings):
+            for index, enc in enumerate(encodings, start=first_index):
                 if enc.overflowing:
                     raise InputTooLongError(
                         f"text {index} is longer than max_length={max_length} tokens (special tokens "

@@ -51,6 +51,7 @@ class ExportOptions:
     allow_degraded: bool = False
     engine: bool | None = None  # None: build engines when TensorRT and a GPU are present
     engine_options: dict[str, Any] = field(default_factory=dict)
+    fused: bool = False  # model.fp16.fused.onnx for ONNX Runtime CUDA (export/fused.py)
 
 
 class GateError(Exception):
@@ -163,7 +164,7 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     timings: dict[str, float] = {}
-    steps = tqdm(total=5 + opts.fp16 + opts.int8, desc="m3-export", unit="step")
+    steps = tqdm(total=5 + opts.fp16 + opts.int8 + opts.fused, desc="m3-export", unit="step")
 
     def step(name: str) -> float:
         steps.set_postfix_str(name)
@@ -196,6 +197,14 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
             steps.update()
             check_tolerance(figures, opts.tolerance, "model.onnx (fp32)")
             colbert_dim = int(reference.colbert_linear.out_features)
+            fused = None
+            if opts.fused:  # while the PyTorch reference is loaded: the fused fp32 graph is checked against it
+                from m3rt.export.fused import build_fused_fp16
+
+                t = step("fused fp16")
+                fused = build_fused_fp16(reference, staging, specials["pad"], opts.tolerance)
+                timings["fused_fp16_s"] = time.perf_counter() - t
+                steps.update()
             del reference  # frees the PyTorch weights before the variants load theirs
 
         hidden = int(config.hidden_size)
@@ -288,6 +297,15 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                     )
                 timings["int8_s"] = time.perf_counter() - t
                 steps.update()
+
+        if fused is not None:
+            from m3rt.export.fused import FILE_NAME, GRAPH_KEY
+
+            for warning in fused.warnings:
+                tqdm.write(f"m3-export: {FILE_NAME}: {warning}", file=sys.stderr)
+            fidelity = _Variants(staging, manifest, opts).measure(GRAPH_KEY, staging / FILE_NAME)
+            fidelity["measured_on"] = "ONNX Runtime CPU; the CUDA kernels' figures: benchmarks/gpu_check.py"
+            manifest["graphs"][GRAPH_KEY] = entry(fused.files, "fp16", **fused.manifest_fields(), fidelity=fidelity)
 
         if _want_engines(opts):
             from m3rt.export.engine import build_engines

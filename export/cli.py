@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx")
     precision.add_argument("--fp16-outputs", action="store_true", help="fp16 graph returns float16 outputs")
     precision.add_argument(
+        "--fused",
+        action="store_true",
+        help="also write model.fp16.fused.onnx: ONNX Runtime's transformer-optimizer-fused graph in fp16, "
+        "for ONNX Runtime CUDA (M3Model.load(..., precision='fp16', device='cuda') picks it)",
+    )
+    precision.add_argument(
         "--int8",
         action="store_true",
         help="also write model.int8.onnx (ONNX Runtime CPU) and model.int8.qdq.onnx (TensorRT)",
@@ -107,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         int8_forms=args.int8_forms,
         allow_degraded=args.allow_degraded,
         engine=args.engine,
+        fused=args.fused,
         gates={
             "fp16": Gate(dense_cos_min=args.gate_fp16_dense),
             "int8": Gate(

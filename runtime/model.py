@@ -105,8 +105,10 @@ class M3Model:
         backend: str = "onnxruntime",
         precision: str = "fp32",
         verify: bool = True,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[Any] | None = None,
         intra_op_threads: int | None = None,
+        device: str | None = None,
+        backend_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> M3Model:
         """Load an artifact directory written by `m3-export`.
@@ -115,9 +117,21 @@ class M3Model:
         this precision and TensorRT and a GPU are present). `precision`: "fp32", "fp16" or "int8"
         (for ONNX Runtime, "int8" is the CPU-fast graph; for TensorRT, the engine built from the
         explicit Q/DQ graph). `verify` checks every file against the manifest's sizes and sha256 first.
+        `device`: "cpu" (default) or "cuda" / "cuda:N" for ONNX Runtime CUDA (also chosen when
+        `providers` asks for CUDAExecutionProvider); there fp16 runs the fused graph when the artifact
+        has one. `backend_options`: CUDA backend settings (cuda_graph, graph_buckets,
+        device_postprocess, colbert_fp16; see `OnnxRuntimeCudaBackend`).
         """
         manifest = load_manifest(path, verify=verify)
-        engine = create_backend(backend, manifest, precision, providers=providers, intra_op_threads=intra_op_threads)
+        engine = create_backend(
+            backend,
+            manifest,
+            precision,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+            device=device,
+            backend_options=backend_options,
+        )
         return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), **options)
 
     # ------------------------------------------------------------------ encoding

@@ -5,9 +5,11 @@ order, and an out-of-memory retry delivers a batch as halves) and assembles dens
 `SparseRows` and per-text ColBERT arrays indexed by each text's position in the caller's input. It
 never knows which backend ran.
 
-`sparse_rows` and `colbert_rows` are the seam for device-resident outputs: today every backend hands
-back NumPy arrays and the CPU kernels run; a backend that keeps outputs on the GPU will be handled
-there (a device branch on values that are not NumPy arrays), and nowhere else.
+`dense_rows`, `sparse_rows` and `colbert_rows` are the seam for device-resident outputs: NumPy arrays
+go to the CPU kernels; `m3rt.device_array.DeviceArray`s (the ONNX Runtime CUDA backend's sparse
+weights and ColBERT vectors) go to the device kernels of their `DeviceContext`, which reduce them on
+the GPU and copy only the compact result to the host. Both give the same host results (the device
+kernels are checked bit for bit against the CPU ones), so nothing after this seam knows the difference.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from m3rt.device_array import DeviceArray, DeviceContext
 from m3rt.kernels import SparseRows, aggregate_sparse, split_colbert
 from m3rt.scheduler import Batch
 
@@ -25,13 +28,44 @@ OUTPUT_SPARSE = "sparse_weights"
 OUTPUT_COLBERT = "colbert_vecs"
 
 
+def _device_context(values: DeviceArray, batch: Batch, what: str) -> DeviceContext:
+    context = values.context
+    if context is None:
+        raise RuntimeError(f"device-resident {what} came without a DeviceContext (kernels, stream, inputs)")
+    if values.dtype != np.float32:
+        raise RuntimeError(f"device-resident {what} is {values.dtype}; the device kernels read float32")
+    if context.input_ids.shape != batch.input_ids.shape:
+        raise RuntimeError(f"device inputs {context.input_ids.shape} do not match the batch {batch.input_ids.shape}")
+    return context
+
+
+def dense_rows(values: Any) -> np.ndarray:
+    """The batch's `dense_vecs` [B, D] on the host (a small copy when it is device-resident)."""
+    return values.to_host() if isinstance(values, DeviceArray) else np.asarray(values)
+
+
 def sparse_rows(values: Any, batch: Batch, special_ids: Iterable[int]) -> SparseRows:
     """The batch's `sparse_weights` [B, S(, 1)] aggregated into CSR rows, in batch row order."""
+    if isinstance(values, DeviceArray):
+        ctx = _device_context(values, batch, "sparse_weights")
+        return ctx.kernels.aggregate_sparse(
+            values.ptr, ctx.input_ids.ptr, ctx.attention_mask.ptr, values.shape, special_ids, ctx.stream
+        )
     return aggregate_sparse(np.asarray(values), batch.input_ids, batch.attention_mask, special_ids)
 
 
 def colbert_rows(values: Any, batch: Batch) -> list[np.ndarray]:
-    """The batch's `colbert_vecs` [B, S-1, D] cut to each text's `tokens - 1` vectors, in batch row order."""
+    """The batch's `colbert_vecs` [B, S-1, D] cut to each text's `tokens - 1` vectors, in batch row order.
+
+    Device-resident vectors are compacted on the GPU (float16 there when the backend was asked for
+    `colbert_fp16`; float32 otherwise, as the CPU path returns).
+    """
+    if isinstance(values, DeviceArray):
+        from m3rt.kernels.device import colbert_counts
+
+        ctx = _device_context(values, batch, "colbert_vecs")
+        counts = colbert_counts(batch.attention_mask)
+        return ctx.kernels.compact_colbert(values.ptr, values.shape, counts, ctx.stream, fp16=ctx.colbert_fp16)
     return split_colbert(np.asarray(values), batch.attention_mask)
 
 
@@ -66,7 +100,7 @@ class OutputCollector:
         if missing:
             raise RuntimeError(f"the backend returned no {', '.join(missing)}")
         if self._dense is not None:
-            self._dense[rows] = np.asarray(values[OUTPUT_DENSE])
+            self._dense[rows] = dense_rows(values[OUTPUT_DENSE])
         if OUTPUT_SPARSE in self.outputs:
             self._sparse_parts.append(sparse_rows(values[OUTPUT_SPARSE], batch, self._special_ids))
             self._sparse_inputs.append(rows)

@@ -1,12 +1,33 @@
-"""ONNX Runtime backend (CPU execution provider by default; any provider list on request)."""
+"""ONNX Runtime backends: CPU (`session.run` on host arrays) and CUDA (IOBinding, device-resident outputs).
+
+`OnnxRuntimeBackend` runs any provider list through `session.run` (host arrays in and out); it is what
+the CPU uses. `OnnxRuntimeCudaBackend` is the GPU serving path:
+
+- inputs: one host->device copy per batch (ids and mask in one int64 buffer allocated by ONNX Runtime's
+  CUDA allocator), bound with IOBinding;
+- outputs: bound to CUDA and left there. Dense ([B, 1024], small) is copied to the host; the sparse
+  weights and ColBERT vectors are returned as `DeviceArray`s that `m3rt.postprocess` hands to the
+  device kernels (`DeviceKernels`), so only the compact sparse entries and the unpadded ColBERT rows
+  cross PCIe;
+- CUDA graphs for batch-1 queries: the query is right-padded to a bucket length (16/32/64 tokens by
+  default) and replayed from one captured graph per bucket (ONNX Runtime's `gpu_graph_id` run option);
+  every other batch runs normally (`gpu_graph_id=-1`) in the same session.
+
+Nothing in the CUDA path has run on a GPU yet: the ONNX Runtime calls follow its documentation and
+sources (cited inline); `benchmarks/gpu_check.py` is the check that runs it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from m3rt.device_array import DeviceArray, DeviceContext
 from m3rt.errors import ArtifactError, BackendError, M3Error
 from m3rt.manifest import INPUT_NAMES, OUTPUT_NAMES
 
@@ -18,35 +39,96 @@ except ImportError as exc:  # the base install leaves the choice of ONNX Runtime
         "never both, they overwrite each other)"
     ) from exc
 
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_BUILD_HINT = (
+    "the installed onnxruntime is the CPU build; pip uninstall onnxruntime && pip install 'm3rt[gpu]' (onnxruntime-gpu)"
+)
+# Batch-1 queries up to the largest bucket are padded to the next bucket and replayed from a CUDA
+# graph. Three buckets cover FlagEmbedding-style queries (most are under 32 tokens) at three captured
+# graphs' worth of memory (the activations of a [1, 64] forward: well under 100 MB).
+DEFAULT_GRAPH_BUCKETS = (16, 32, 64)
+# Text of CUDA / ONNX Runtime allocation failures (cudaErrorMemoryAllocation, BFC arena, cuBLAS).
+_OOM_MARKERS = (
+    "out of memory",
+    "failed to allocate",
+    "bad_alloc",
+    "cudaerrormemoryallocation",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+)
+
+
+def _session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        options.intra_op_num_threads = int(intra_op_threads)
+    return options
+
+
+def _check_io(session: ort.InferenceSession, graph_path: Path) -> None:
+    names_in = tuple(i.name for i in session.get_inputs())
+    names_out = {o.name for o in session.get_outputs()}
+    if names_in != INPUT_NAMES or not set(OUTPUT_NAMES) <= names_out:
+        raise ArtifactError(
+            f"{graph_path} has inputs {names_in} and outputs {sorted(names_out)}; "
+            f"expected {INPUT_NAMES} and {OUTPUT_NAMES}"
+        )
+
+
+def _provider_name(provider: Any) -> str:
+    """ONNX Runtime accepts "Name" or ("Name", {options})."""
+    return provider[0] if isinstance(provider, (tuple, list)) else str(provider)
+
+
+def _option_text(value: Any) -> str:
+    # Provider options reach ONNX Runtime as strings; its bool parser reads "1"/"0" (istream >> bool).
+    return ("1" if value else "0") if isinstance(value, bool) else str(value)
+
+
+def wants_cuda(providers: Sequence[Any] | None) -> bool:
+    return any(_provider_name(p) == CUDA_PROVIDER for p in providers or ())
+
+
+def is_out_of_memory_text(text: str) -> bool:
+    text = text.lower()
+    return any(marker in text for marker in _OOM_MARKERS)
+
+
+def backend_error(exc: BaseException, shape: tuple[int, ...], where: str = "ONNX Runtime CUDA") -> BackendError:
+    """A BackendError whose text says "out of memory" when the failure was an allocation, so that
+    `M3Model` splits the batch and retries it (its `_is_out_of_memory` reads the text)."""
+    if is_out_of_memory_text(str(exc)):
+        return BackendError(f"CUDA out of memory on a batch of shape {shape} (the batch is split and retried): {exc}")
+    return BackendError(f"{where} failed on a batch of shape {shape}: {exc}")
+
 
 class OnnxRuntimeBackend:
+    """`session.run` with host arrays; any provider list (CPU by default).
+
+    `thread_safe`: ONNX Runtime documents `InferenceSession.run` as safe to call from several threads,
+    and this backend keeps no per-call state, so concurrent `encode` calls run concurrently.
+    """
+
     name = "onnxruntime"
+    thread_safe = True
 
     def __init__(
         self,
         graph_path: Path,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[Any] | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            options.intra_op_num_threads = int(intra_op_threads)
         providers = list(providers or ["CPUExecutionProvider"])
         try:
+            options = _session_options(intra_op_threads)
             self._session = ort.InferenceSession(str(graph_path), options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ArtifactError(f"ONNX Runtime cannot load {graph_path}: {exc}") from exc
-        names_in = tuple(i.name for i in self._session.get_inputs())
-        names_out = {o.name for o in self._session.get_outputs()}
-        if names_in != INPUT_NAMES or not set(OUTPUT_NAMES) <= names_out:
-            raise ArtifactError(
-                f"{graph_path} has inputs {names_in} and outputs {sorted(names_out)}; "
-                f"expected {INPUT_NAMES} and {OUTPUT_NAMES}"
-            )
+        _check_io(self._session, graph_path)
         self.providers = self._session.get_providers()
         # ONNX Runtime silently falls back to CPU when a requested GPU provider cannot start.
-        missing = [p for p in providers if p not in self.providers]
+        missing = [_provider_name(p) for p in providers if _provider_name(p) not in self.providers]
         if missing:
             raise BackendError(
                 f"ONNX Runtime could not start {', '.join(missing)} (running: {', '.join(self.providers)}; "
@@ -61,3 +143,307 @@ class OnnxRuntimeBackend:
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed on a batch of shape {tuple(input_ids.shape)}: {exc}") from exc
         return {name: np.asarray(v, dtype=np.float32) for name, v in zip(outputs, values)}
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why ONNX Runtime cannot run on a CUDA GPU here (wrong package, no cuda-python, no GPU), or None."""
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in available:
+        return (
+            f"ONNX Runtime could not start {CUDA_PROVIDER}: {CPU_BUILD_HINT}. "
+            f"Providers in this install: {', '.join(available)}"
+        )
+    from m3rt.cuda import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        return f"ONNX Runtime CUDA needs a CUDA GPU: {reason}"
+    return None
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries onnxruntime-gpu links against (from the nvidia-* wheels).
+
+    ONNX Runtime's docs: not needed when a compatible torch was imported first (it has loaded them,
+    and the dynamic linker reuses loaded libraries by soname); `preload_dlls` exists since 1.21.
+    """
+    if "torch" in sys.modules or not hasattr(ort, "preload_dlls"):
+        return
+    try:
+        ort.preload_dlls()
+    except Exception:  # noqa: BLE001 - a missing wheel shows up as a clear session error below
+        pass
+
+
+class OnnxRuntimeCudaBackend:
+    """ONNX Runtime on one CUDA GPU with IOBinding, device-resident outputs and CUDA graphs.
+
+    `thread_safe = False`: the CUDA-graph buckets own fixed device buffers, and the host->device copy
+    uses one stream; `M3Model` runs one batch at a time on it (the GPU runs one at a time anyway).
+    Outputs of different calls never share memory, so the post-processing of batch k (in the
+    caller's thread) overlaps the run of batch k+1 safely.
+    """
+
+    name = "onnxruntime"
+    thread_safe = False
+
+    def __init__(
+        self,
+        graph_path: Path,
+        *,
+        device_id: int = 0,
+        pad_id: int = 1,
+        provider_options: dict[str, Any] | None = None,
+        cuda_graph: bool = True,
+        graph_buckets: Iterable[int] = DEFAULT_GRAPH_BUCKETS,
+        device_postprocess: bool = True,
+        colbert_fp16: bool = False,
+    ) -> None:
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise BackendError(reason)
+        from m3rt.cuda import check, runtime_api
+
+        _preload_cuda_libraries()
+        self.device_id = int(device_id)
+        self.pad_id = int(pad_id)
+        self.graph_path = Path(graph_path)
+        self.notes: list[str] = []
+        self._cudart, self._check = runtime_api(), check
+        self._lock = threading.Lock()
+        base = {"device_id": str(self.device_id), **{k: _option_text(v) for k, v in (provider_options or {}).items()}}
+        self.cuda_graph = False
+        self._session: Any = None
+        if cuda_graph:
+            try:
+                self._session = self._create_session({**base, "enable_cuda_graph": "1"})
+                self.cuda_graph = True
+            except BackendError as exc:
+                # ONNX Runtime refuses graph capture at session creation when a compute node is not
+                # on the CUDA EP (besides shape computation); the plain session still runs everything.
+                self.notes.append(f"CUDA graphs off: {exc}")
+        if self._session is None:
+            self._session = self._create_session(base)
+        self.providers = self._session.get_providers()
+        self._output_types = {o.name: o.type for o in self._session.get_outputs()}
+        self._output_dims = {o.name: o.shape for o in self._session.get_outputs()}
+
+        check(self._cudart.cudaSetDevice(self.device_id))
+        flags = self._cudart.cudaStreamNonBlocking
+        # Host->device input copies; synchronized before each run (pageable source, any size).
+        self._copy_stream = int(check(self._cudart.cudaStreamCreateWithFlags(flags)))
+        # Device post-processing (DeviceKernels synchronize it before returning). Why no wait on ONNX
+        # Runtime's stream: `run_with_iobinding` synchronizes the EP's stream before it returns unless
+        # the run option `disable_synchronize_execution_providers` is "1" (InferenceSession::Run ->
+        # OnRunEnd(sync_stream=true) -> cudaStreamSynchronize; a CUDA-graph replay syncs too), and we
+        # never set it. So the outputs are complete when the kernels read them, on any stream.
+        self._post_stream = int(check(self._cudart.cudaStreamCreateWithFlags(flags)))
+        self.colbert_fp16 = bool(colbert_fp16)
+        self._kernels: Any = None
+        if device_postprocess:
+            try:
+                from m3rt.kernels.device import DeviceKernels
+
+                self._kernels = DeviceKernels(self.device_id)
+            except BackendError as exc:  # e.g. no libnvrtc: outputs are copied and reduced on the CPU
+                self.notes.append(f"device post-processing off, outputs copied to the host: {exc}")
+        self._plain_run = ort.RunOptions()
+        if self.cuda_graph:
+            # gpu_graph_id=-1: this run neither captures nor replays (onnxruntime_run_options_config_keys.h).
+            self._plain_run.add_run_config_entry("gpu_graph_id", "-1")
+        self._buckets: dict[int, _GraphBucket] = {}
+        if self.cuda_graph:
+            for graph_id, length in enumerate(sorted({int(b) for b in graph_buckets if int(b) >= 2}), start=1):
+                self._buckets[length] = _GraphBucket(self, length, graph_id)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _create_session(self, cuda_options: dict[str, str]) -> Any:
+        providers = [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(self.graph_path), _session_options(), providers=providers)
+        except Exception as exc:
+            text = str(exc)
+            if is_out_of_memory_text(text):
+                raise BackendError(f"CUDA out of memory while loading {self.graph_path.name}: {text}") from exc
+            if "graph capture" in text.lower():
+                raise BackendError(text) from exc
+            raise ArtifactError(f"ONNX Runtime cannot load {self.graph_path} on CUDA: {text}") from exc
+        _check_io(session, self.graph_path)
+        # ONNX Runtime falls back to CPU silently when CUDA cannot start (e.g. missing cuDNN).
+        if CUDA_PROVIDER not in session.get_providers():
+            raise BackendError(
+                f"ONNX Runtime could not start {CUDA_PROVIDER} (running: {', '.join(session.get_providers())}); "
+                "its CUDA/cuDNN libraries did not load: import torch first or pip install 'm3rt[gpu]'"
+            )
+        return session
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
+    ) -> dict[str, np.ndarray | DeviceArray]:
+        """Dense comes back as host float32; sparse and ColBERT as DeviceArrays (host float32 when
+        device post-processing is off, the graph emits float16, or the batch ran from a CUDA graph)."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        shape = tuple(input_ids.shape)
+        with self._lock:
+            try:
+                self._check(self._cudart.cudaSetDevice(self.device_id))
+                bucket = self._bucket_for(input_ids)
+                if bucket is not None:
+                    return bucket.run(input_ids, attention_mask, outputs)
+                return self._run_plain(input_ids, attention_mask, outputs)
+            except M3Error as exc:
+                if isinstance(exc, BackendError) and is_out_of_memory_text(str(exc)):
+                    raise backend_error(exc, shape) from exc
+                raise
+            except Exception as exc:
+                raise backend_error(exc, shape) from exc
+
+    def _bucket_for(self, input_ids: np.ndarray) -> _GraphBucket | None:
+        if not self._buckets or input_ids.shape[0] != 1:
+            return None
+        fits = [length for length in self._buckets if length >= input_ids.shape[1]]
+        return self._buckets[min(fits)] if fits else None
+
+    def _upload_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, buffer: Any = None) -> Any:
+        """Both inputs in one int64 [2, B, S] device buffer: one allocation and one copy per batch.
+
+        A fresh buffer per batch (from ONNX Runtime's arena, so no cudaMalloc in steady state) rather
+        than one reused buffer: the device kernels read this batch's ids and mask after `run` has
+        returned, while the next batch is already being copied.
+        """
+        host = np.stack((input_ids, attention_mask))
+        if buffer is None:
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type(list(host.shape), np.int64, "cuda", self.device_id)
+        cudart, check = self._cudart, self._check
+        kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        check(cudart.cudaMemcpyAsync(buffer.data_ptr(), host.ctypes.data, host.nbytes, kind, self._copy_stream))
+        # The copy is on our stream, ONNX Runtime computes on its own: finish the copy before the run.
+        check(cudart.cudaStreamSynchronize(self._copy_stream))
+        return buffer
+
+    def _bind_inputs(self, io: Any, buffer: Any, shape: tuple[int, int]) -> tuple[DeviceArray, DeviceArray]:
+        ptr = int(buffer.data_ptr())
+        half = int(np.prod(shape)) * 8
+        arrays = []
+        for k, name in enumerate(INPUT_NAMES):
+            io.bind_input(name, "cuda", self.device_id, np.int64, list(shape), ptr + k * half)
+            arrays.append(DeviceArray(ptr + k * half, shape, np.int64, self.device_id, owner=buffer))
+        return arrays[0], arrays[1]
+
+    def _run_plain(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
+    ) -> dict[str, np.ndarray | DeviceArray]:
+        # A new IOBinding per call: the outputs ONNX Runtime allocates belong to it, so they stay
+        # valid (held by the returned DeviceArrays) while later batches run with their own bindings.
+        io = self._session.io_binding()
+        buffer = self._upload_inputs(input_ids, attention_mask)
+        ids_dev, mask_dev = self._bind_inputs(io, buffer, tuple(input_ids.shape))
+        for name in outputs:
+            io.bind_output(name, "cuda", self.device_id)
+        self._session.run_with_iobinding(io, self._plain_run)
+        values = io.get_outputs()  # in binding order
+        context = None
+        if self._kernels is not None:
+            context = DeviceContext(self._kernels, ids_dev, mask_dev, self._post_stream, self.colbert_fp16)
+        result: dict[str, np.ndarray | DeviceArray] = {}
+        for name, value in zip(outputs, values):
+            float32 = value.data_type() == "tensor(float)"
+            if name != "dense_vecs" and context is not None and float32:
+                result[name] = DeviceArray(
+                    int(value.data_ptr()), tuple(value.shape()), np.float32, self.device_id,
+                    owner=(io, value, buffer), context=context,
+                )  # fmt: skip
+            else:
+                result[name] = np.asarray(value.numpy(), dtype=np.float32)
+        return result
+
+    def warmup(self) -> None:
+        """Capture every bucket's CUDA graph now rather than on the first queries of each length."""
+        with self._lock:
+            self._check(self._cudart.cudaSetDevice(self.device_id))
+            for bucket in self._buckets.values():
+                bucket.warmup()
+
+    def close(self) -> None:
+        with self._lock:
+            self._buckets.clear()
+            if self._kernels is not None:
+                self._kernels.close()
+                self._kernels = None
+            for stream in (self._copy_stream, self._post_stream):
+                if stream:
+                    self._cudart.cudaStreamDestroy(stream)
+            self._copy_stream = self._post_stream = 0
+
+
+class _GraphBucket:
+    """Batch-1 inputs padded to `length` tokens, run from a CUDA graph with fixed device buffers.
+
+    CUDA graphs replay fixed kernel launches on fixed addresses, so the shapes and every bound buffer
+    must stay the same: inputs are copied into this bucket's own buffer and all three outputs are
+    bound to preallocated OrtValues (ONNX Runtime's CUDA-graph recipe: bind OrtValues, update them in
+    place, `run_with_iobinding` with the same binding). `gpu_graph_id` (>= 1; 0 is reserved, -1 skips)
+    selects this bucket's graph in the one session; ONNX Runtime captures it after its warm-up runs.
+
+    Padding does not change a real token's outputs: padded positions have attention_mask 0, and the
+    fused Attention op turns the mask into per-row key lengths (right padding), so padded keys get
+    no attention weight; XLM-R's position ids count non-pad tokens, so real positions are unchanged.
+    The dense vector is the first token's; sparse and ColBERT are sliced back to the real length.
+    (GEMMs of a different row count may pick other kernels: float round-off only.)
+
+    Outputs are copied to the host before `run` returns: the next query of this length overwrites
+    the buffers, and for a query of 16-64 tokens the copies (at most ~260 KB) and the CPU post-
+    processing cost less than launching the device kernels.
+    """
+
+    def __init__(self, backend: OnnxRuntimeCudaBackend, length: int, graph_id: int) -> None:
+        self.backend, self.length, self.graph_id = backend, length, graph_id
+        session, device = backend._session, backend.device_id
+        self.io = session.io_binding()
+        self.inputs = ort.OrtValue.ortvalue_from_shape_and_type([2, 1, length], np.int64, "cuda", device)
+        backend._bind_inputs(self.io, self.inputs, (1, length))
+        self.outputs: dict[str, Any] = {}
+        for name in OUTPUT_NAMES:
+            shape = self._output_shape(name)
+            dtype = np.float16 if backend._output_types[name] == "tensor(float16)" else np.float32
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", device)
+            self.io.bind_ortvalue_output(name, value)
+            self.outputs[name] = value
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.runs = 0
+
+    def _output_shape(self, name: str) -> list[int]:
+        dims = self.backend._output_dims[name]
+        width = {"dense_vecs": None, "sparse_weights": self.length, "colbert_vecs": self.length - 1}[name]
+        shape = [1] + ([width] if width is not None else [])
+        if name != "sparse_weights":
+            feature = dims[-1]
+            if not isinstance(feature, int):
+                raise ArtifactError(f"{name} has a symbolic last dimension {feature!r}; expected the vector size")
+            shape.append(feature)
+        return shape
+
+    def warmup(self) -> None:
+        # ONNX Runtime runs a few regular runs per graph id before it captures (allocations happen
+        # there, not during capture); three covers every version's minimum.
+        ids = np.full((1, self.length), self.backend.pad_id, dtype=np.int64)
+        mask = np.zeros((1, self.length), dtype=np.int64)
+        ids[0, :2], mask[0, :2] = (0, 2), 1
+        for _ in range(3):
+            self.run(ids, mask, ())
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        real = input_ids.shape[1]
+        ids = np.full((1, self.length), self.backend.pad_id, dtype=np.int64)
+        mask = np.zeros((1, self.length), dtype=np.int64)
+        ids[:, :real], mask[:, :real] = input_ids, attention_mask
+        self.backend._upload_inputs(ids, mask, self.inputs)
+        self.backend._session.run_with_iobinding(self.io, self.run_options)
+        self.runs += 1
+        cut = {"dense_vecs": np.s_[:], "sparse_weights": np.s_[:, :real], "colbert_vecs": np.s_[:, : real - 1]}
+        return {name: np.asarray(self.outputs[name].numpy()[cut[name]], dtype=np.float32) for name in outputs}

@@ -1,0 +1,80 @@
+"""Device-resident backend outputs: a pointer, a shape, a dtype and whatever keeps the memory alive.
+
+A GPU backend returns `DeviceArray`s for the outputs that are large and reduced before they reach
+the host (the per-token sparse weights, the ColBERT vectors); `m3rt.postprocess` hands them to the
+device kernels (`m3rt.kernels.device.DeviceKernels`), which copy only the compact results back.
+
+Nothing here imports cuda-python: a `DeviceArray` is plain data. `to_host` copies through the CUDA
+runtime and is only called where a GPU exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A C-contiguous array in device memory.
+
+    `owner` holds the object(s) that own the memory (an ONNX Runtime OrtValue and its IOBinding):
+    as long as this DeviceArray is referenced, the memory cannot be freed or reused. `context` is
+    what device post-processing needs besides the array itself (kernels, stream, the batch's
+    device-resident inputs); it is shared by the outputs of one backend call.
+    """
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    device: int = 0
+    owner: Any = field(default=None, repr=False, compare=False)
+    context: DeviceContext | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(x) for x in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def to_host(self) -> np.ndarray:
+        """A host copy (synchronous). The producer's work must be complete (ONNX Runtime's is when
+        `run_with_iobinding` returns)."""
+        from m3rt.cuda import check, runtime_api
+
+        cudart = runtime_api()
+        out = np.empty(self.shape, dtype=self.dtype)
+        if out.nbytes:
+            check(cudart.cudaSetDevice(self.device))
+            kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            check(cudart.cudaMemcpy(out.ctypes.data, self.ptr, out.nbytes, kind))
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        # np.asarray(device_array) must never read a device pointer as host memory; it copies instead.
+        host = self.to_host()
+        return host if dtype is None else host.astype(dtype)
+
+
+@dataclass(frozen=True)
+class DeviceContext:
+    """What the device kernels need for one backend call's outputs.
+
+    `kernels` has `DeviceKernels`' interface (`aggregate_sparse`, `compact_colbert`); `input_ids` and
+    `attention_mask` are the batch's int64 [B, S] inputs as the backend bound them on the device;
+    `stream` is the CUDA stream the kernels run on (they synchronize it before returning).
+    """
+
+    kernels: Any
+    input_ids: DeviceArray
+    attention_mask: DeviceArray
+    stream: int = 0
+    colbert_fp16: bool = False
+
+
+def is_device_array(value: Any) -> bool:
+    return isinstance(value, DeviceArray)

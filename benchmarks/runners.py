@@ -59,7 +59,9 @@ def m3rt_runners(
     except ImportError:
         cuda = False
     if cuda and gpu_unavailable_reason() is None:
-        combos += [("onnxruntime", p, "cuda") for p in ("fp32", "fp16") if p in manifest.graphs]
+        # fp16 on CUDA runs the fused graph when the artifact has one (backends.base.select_graph).
+        graphs = set(manifest.graphs) | ({"fp16"} if "fp16-fused" in manifest.graphs else set())
+        combos += [("onnxruntime", p, "cuda") for p in ("fp32", "fp16") if p in graphs]
     else:
         notes.append("ONNX Runtime CUDA: skipped (no onnxruntime-gpu with a visible GPU)")
     if not manifest.engines:
@@ -105,27 +107,30 @@ def reference_unavailable(checkpoint: Path | None) -> str | None:
 
 class TorchBackend:
     """The PyTorch model behind m3rt's backend interface, for when FlagEmbedding is not installed:
-    fp16 + SDPA on a GPU, fp32 on a CPU, as FlagEmbedding would run it."""
+    fp16 + SDPA on a GPU, fp32 on a CPU, as FlagEmbedding would run it (`fp16=False` on a GPU: the
+    fp32 reference that accuracy is measured against)."""
 
     name = "pytorch"
 
-    def __init__(self, checkpoint: Path, device: str) -> None:
+    def __init__(self, checkpoint: Path, device: str, fp16: bool | None = None) -> None:
         import torch
 
         from m3rt.export.checkpoint import load_reference
 
         self._torch, self._device = torch, device
+        self.fp16 = device.startswith("cuda") if fp16 is None else fp16
         module = load_reference(Path(checkpoint), attn_implementation="sdpa")
-        self._module = (module.half() if device == "cuda" else module).to(device)
+        self._module = (module.half() if self.fp16 else module).to(device).eval()
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs) -> dict[str, np.ndarray]:
         torch = self._torch
-        with torch.no_grad():
+        with torch.inference_mode():
             values = self._module(
                 torch.from_numpy(input_ids).to(self._device), torch.from_numpy(attention_mask).to(self._device)
             )
-        named = dict(zip(OUTPUT_NAMES, values))
-        return {name: named[name].float().cpu().numpy() for name in outputs}
+            named = dict(zip(OUTPUT_NAMES, values))
+            # One copy per output, as FlagEmbedding's .cpu() calls (which also synchronize the device).
+            return {name: named[name].float().cpu().numpy() for name in outputs}
 
 
 def _pytorch_in_m3rt_pipeline(checkpoint: Path, artifact: Path, batch_size: int, device: str) -> Runner:

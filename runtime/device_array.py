@@ -10,6 +10,8 @@ runtime and is only called where a GPU exists.
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ class DeviceArray:
     shape: tuple[int, ...]
     dtype: np.dtype
     device: int = 0
+    device_type: str = "cuda"  # "cpu": ONNX Runtime CPU memory (the backend's test mode, HostPointerKernels)
     owner: Any = field(default=None, repr=False, compare=False)
     context: DeviceContext | None = field(default=None, repr=False, compare=False)
 
@@ -44,11 +47,13 @@ class DeviceArray:
     def to_host(self) -> np.ndarray:
         """A host copy (synchronous). The producer's work must be complete (ONNX Runtime's is when
         `run_with_iobinding` returns)."""
-        from m3rt.cuda import check, runtime_api
-
-        cudart = runtime_api()
         out = np.empty(self.shape, dtype=self.dtype)
-        if out.nbytes:
+        if out.nbytes and self.device_type == "cpu":
+            ctypes.memmove(out.ctypes.data, self.ptr, out.nbytes)
+        elif out.nbytes:
+            from m3rt.cuda import check, runtime_api
+
+            cudart = runtime_api()
             check(cudart.cudaSetDevice(self.device))
             kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
             check(cudart.cudaMemcpy(out.ctypes.data, self.ptr, out.nbytes, kind))
@@ -78,3 +83,46 @@ class DeviceContext:
 
 def is_device_array(value: Any) -> bool:
     return isinstance(value, DeviceArray)
+
+
+def _host_view(ptr: int, shape: Sequence[int], dtype: Any) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.zeros(tuple(shape), dtype)
+    return np.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(ptr), dtype=dtype).reshape(shape)
+
+
+class HostPointerKernels:
+    """`DeviceKernels`' interface over host memory, computed by the CPU kernels.
+
+    For the CUDA backend's `device_type="cpu"` mode: ONNX Runtime CPU outputs bound through IOBinding,
+    wrapped in DeviceArrays with host addresses, reduced through the very same post-processing seam.
+    It checks that path's plumbing (pointers, shapes, keep-alive, dispatch) where there is no GPU; the
+    CUDA kernels themselves are checked against the CPU kernels by `check_kernels_against_cpu`.
+    """
+
+    def aggregate_sparse(
+        self,
+        weights_ptr: int,
+        input_ids_ptr: int,
+        attention_mask_ptr: int | None,
+        shape: Sequence[int],
+        special_ids: Iterable[int],
+        stream: int = 0,
+    ) -> Any:
+        from m3rt.kernels import aggregate_sparse
+
+        batch, seq_len = int(shape[0]), int(shape[1])
+        weights = _host_view(weights_ptr, shape, np.float32).reshape(batch, seq_len).copy()
+        ids = _host_view(input_ids_ptr, (batch, seq_len), np.int64).copy()
+        mask = _host_view(attention_mask_ptr, (batch, seq_len), np.int64).copy() if attention_mask_ptr else None
+        return aggregate_sparse(weights, ids, mask, special_ids)
+
+    def compact_colbert(
+        self, colbert_ptr: int, shape: Sequence[int], counts: Any, stream: int = 0, fp16: bool = False
+    ) -> list[np.ndarray]:
+        vecs = _host_view(colbert_ptr, shape, np.float32)
+        counts = np.clip(np.asarray(counts, dtype=np.int64).reshape(-1), 0, int(shape[1]))
+        dtype = np.float16 if fp16 else np.float32
+        return [vecs[row, :n].astype(dtype, copy=True) for row, n in enumerate(counts.tolist())]

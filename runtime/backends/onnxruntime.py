@@ -19,6 +19,7 @@ sources (cited inline); `benchmarks/gpu_check.py` is the check that runs it.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 from collections.abc import Iterable, Sequence
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from m3rt.device_array import DeviceArray, DeviceContext
+from m3rt.device_array import DeviceArray, DeviceContext, HostPointerKernels
 from m3rt.errors import ArtifactError, BackendError, M3Error
 from m3rt.manifest import INPUT_NAMES, OUTPUT_NAMES
 
@@ -175,6 +176,73 @@ def _preload_cuda_libraries() -> None:
         pass
 
 
+class _CudaMemory:
+    """Device buffers live in ONNX Runtime's CUDA arena; copies and kernels use our own streams."""
+
+    device_type = "cuda"
+
+    def __init__(self, device_id: int) -> None:
+        from m3rt.cuda import check, runtime_api
+
+        self.device_id = device_id
+        self._cudart, self._check = runtime_api(), check
+        check(self._cudart.cudaSetDevice(device_id))
+        flags = self._cudart.cudaStreamNonBlocking
+        # Host->device input copies; synchronized before each run (pageable source, any size).
+        self._copy_stream = int(check(self._cudart.cudaStreamCreateWithFlags(flags)))
+        # Device post-processing (DeviceKernels synchronize it before returning). Why no wait on ONNX
+        # Runtime's stream: `run_with_iobinding` synchronizes the EP's stream before it returns unless
+        # the run option `disable_synchronize_execution_providers` is "1" (InferenceSession::Run ->
+        # OnRunEnd(sync_stream=true) -> cudaStreamSynchronize; a CUDA-graph replay syncs too), and we
+        # never set it. So the outputs are complete when the kernels read them, on any stream.
+        self.post_stream = int(check(self._cudart.cudaStreamCreateWithFlags(flags)))
+
+    def activate(self) -> None:
+        # Calls may come from any thread; ONNX Runtime sets its device per run, our copies need it too.
+        self._check(self._cudart.cudaSetDevice(self.device_id))
+
+    def upload(self, dst_ptr: int, host: np.ndarray) -> None:
+        cudart = self._cudart
+        kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._check(cudart.cudaMemcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, kind, self._copy_stream))
+        # The copy is on our stream, ONNX Runtime computes on its own: finish the copy before the run.
+        self._check(cudart.cudaStreamSynchronize(self._copy_stream))
+
+    def kernels(self) -> Any:
+        from m3rt.kernels.device import DeviceKernels
+
+        return DeviceKernels(self.device_id)
+
+    def close(self) -> None:
+        for stream in (self._copy_stream, self.post_stream):
+            if stream:
+                self._cudart.cudaStreamDestroy(stream)
+        self._copy_stream = self.post_stream = 0
+
+
+class _HostMemory:
+    """The same IOBinding path on ONNX Runtime's CPU allocator: lets machines without a GPU test the
+    binding, bucket padding and device-array plumbing for real (ORT CPU, host pointers)."""
+
+    device_type = "cpu"
+    post_stream = 0
+
+    def __init__(self, device_id: int) -> None:
+        self.device_id = device_id
+
+    def activate(self) -> None:
+        pass
+
+    def upload(self, dst_ptr: int, host: np.ndarray) -> None:
+        ctypes.memmove(dst_ptr, host.ctypes.data, host.nbytes)
+
+    def kernels(self) -> Any:
+        return HostPointerKernels()
+
+    def close(self) -> None:
+        pass
+
+
 class OnnxRuntimeCudaBackend:
     """ONNX Runtime on one CUDA GPU with IOBinding, device-resident outputs and CUDA graphs.
 
@@ -182,6 +250,10 @@ class OnnxRuntimeCudaBackend:
     uses one stream; `M3Model` runs one batch at a time on it (the GPU runs one at a time anyway).
     Outputs of different calls never share memory, so the post-processing of batch k (in the
     caller's thread) overlaps the run of batch k+1 safely.
+
+    `device_type="cpu"` runs the identical IOBinding code on ONNX Runtime's CPU provider and host
+    memory (no CUDA graphs: buckets are plain padded runs; `HostPointerKernels` instead of the CUDA
+    kernels). It exists so that this path is tested on machines without a GPU.
     """
 
     name = "onnxruntime"
@@ -198,53 +270,51 @@ class OnnxRuntimeCudaBackend:
         graph_buckets: Iterable[int] = DEFAULT_GRAPH_BUCKETS,
         device_postprocess: bool = True,
         colbert_fp16: bool = False,
+        device_type: str = "cuda",
     ) -> None:
-        reason = cuda_unavailable_reason()
-        if reason is not None:
-            raise BackendError(reason)
-        from m3rt.cuda import check, runtime_api
-
-        _preload_cuda_libraries()
+        if device_type not in ("cuda", "cpu"):
+            raise ArtifactError(f"device_type {device_type!r}: expected 'cuda' or 'cpu'")
+        if device_type == "cuda":
+            reason = cuda_unavailable_reason()
+            if reason is not None:
+                raise BackendError(reason)
+            _preload_cuda_libraries()
         self.device_id = int(device_id)
+        self.device_type = device_type
         self.pad_id = int(pad_id)
         self.graph_path = Path(graph_path)
         self.notes: list[str] = []
-        self._cudart, self._check = runtime_api(), check
         self._lock = threading.Lock()
-        base = {"device_id": str(self.device_id), **{k: _option_text(v) for k, v in (provider_options or {}).items()}}
         self.cuda_graph = False
         self._session: Any = None
-        if cuda_graph:
-            try:
-                self._session = self._create_session({**base, "enable_cuda_graph": "1"})
-                self.cuda_graph = True
-            except BackendError as exc:
-                # ONNX Runtime refuses graph capture at session creation when a compute node is not
-                # on the CUDA EP (besides shape computation); the plain session still runs everything.
-                self.notes.append(f"CUDA graphs off: {exc}")
-        if self._session is None:
-            self._session = self._create_session(base)
+        if device_type == "cuda":
+            base = {
+                "device_id": str(self.device_id),
+                **{k: _option_text(v) for k, v in (provider_options or {}).items()},
+            }
+            if cuda_graph:
+                try:
+                    self._session = self._create_session({**base, "enable_cuda_graph": "1"})
+                    self.cuda_graph = True
+                except BackendError as exc:
+                    if is_out_of_memory_text(str(exc)):
+                        raise
+                    # ONNX Runtime refuses graph capture at session creation when a compute node is not on
+                    # the CUDA EP (besides shape computation); the plain session still runs everything.
+                    self.notes.append(f"CUDA graphs off: {exc}")
+            if self._session is None:
+                self._session = self._create_session(base)
+        else:
+            self._session = self._create_session(None)
         self.providers = self._session.get_providers()
         self._output_types = {o.name: o.type for o in self._session.get_outputs()}
         self._output_dims = {o.name: o.shape for o in self._session.get_outputs()}
-
-        check(self._cudart.cudaSetDevice(self.device_id))
-        flags = self._cudart.cudaStreamNonBlocking
-        # Host->device input copies; synchronized before each run (pageable source, any size).
-        self._copy_stream = int(check(self._cudart.cudaStreamCreateWithFlags(flags)))
-        # Device post-processing (DeviceKernels synchronize it before returning). Why no wait on ONNX
-        # Runtime's stream: `run_with_iobinding` synchronizes the EP's stream before it returns unless
-        # the run option `disable_synchronize_execution_providers` is "1" (InferenceSession::Run ->
-        # OnRunEnd(sync_stream=true) -> cudaStreamSynchronize; a CUDA-graph replay syncs too), and we
-        # never set it. So the outputs are complete when the kernels read them, on any stream.
-        self._post_stream = int(check(self._cudart.cudaStreamCreateWithFlags(flags)))
+        self._memory: Any = _CudaMemory(self.device_id) if device_type == "cuda" else _HostMemory(self.device_id)
         self.colbert_fp16 = bool(colbert_fp16)
         self._kernels: Any = None
         if device_postprocess:
             try:
-                from m3rt.kernels.device import DeviceKernels
-
-                self._kernels = DeviceKernels(self.device_id)
+                self._kernels = self._memory.kernels()
             except BackendError as exc:  # e.g. no libnvrtc: outputs are copied and reduced on the CPU
                 self.notes.append(f"device post-processing off, outputs copied to the host: {exc}")
         self._plain_run = ort.RunOptions()
@@ -252,14 +322,17 @@ class OnnxRuntimeCudaBackend:
             # gpu_graph_id=-1: this run neither captures nor replays (onnxruntime_run_options_config_keys.h).
             self._plain_run.add_run_config_entry("gpu_graph_id", "-1")
         self._buckets: dict[int, _GraphBucket] = {}
-        if self.cuda_graph:
+        if cuda_graph and (self.cuda_graph or device_type == "cpu"):
             for graph_id, length in enumerate(sorted({int(b) for b in graph_buckets if int(b) >= 2}), start=1):
                 self._buckets[length] = _GraphBucket(self, length, graph_id)
 
     # -- construction ---------------------------------------------------------------------------
 
-    def _create_session(self, cuda_options: dict[str, str]) -> Any:
-        providers = [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"]
+    def _create_session(self, cuda_options: dict[str, str] | None) -> Any:
+        if cuda_options is None:
+            providers: list[Any] = ["CPUExecutionProvider"]
+        else:
+            providers = [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"]
         try:
             session = ort.InferenceSession(str(self.graph_path), _session_options(), providers=providers)
         except Exception as exc:
@@ -268,10 +341,10 @@ class OnnxRuntimeCudaBackend:
                 raise BackendError(f"CUDA out of memory while loading {self.graph_path.name}: {text}") from exc
             if "graph capture" in text.lower():
                 raise BackendError(text) from exc
-            raise ArtifactError(f"ONNX Runtime cannot load {self.graph_path} on CUDA: {text}") from exc
+            raise ArtifactError(f"ONNX Runtime cannot load {self.graph_path}: {text}") from exc
         _check_io(session, self.graph_path)
         # ONNX Runtime falls back to CPU silently when CUDA cannot start (e.g. missing cuDNN).
-        if CUDA_PROVIDER not in session.get_providers():
+        if cuda_options is not None and CUDA_PROVIDER not in session.get_providers():
             raise BackendError(
                 f"ONNX Runtime could not start {CUDA_PROVIDER} (running: {', '.join(session.get_providers())}); "
                 "its CUDA/cuDNN libraries did not load: import torch first or pip install 'm3rt[gpu]'"
@@ -290,7 +363,7 @@ class OnnxRuntimeCudaBackend:
         shape = tuple(input_ids.shape)
         with self._lock:
             try:
-                self._check(self._cudart.cudaSetDevice(self.device_id))
+                self._memory.activate()
                 bucket = self._bucket_for(input_ids)
                 if bucket is not None:
                     return bucket.run(input_ids, attention_mask, outputs)
@@ -308,6 +381,9 @@ class OnnxRuntimeCudaBackend:
         fits = [length for length in self._buckets if length >= input_ids.shape[1]]
         return self._buckets[min(fits)] if fits else None
 
+    def _new_buffer(self, shape: Sequence[int], dtype: Any) -> Any:
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, self.device_id)
+
     def _upload_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, buffer: Any = None) -> Any:
         """Both inputs in one int64 [2, B, S] device buffer: one allocation and one copy per batch.
 
@@ -315,14 +391,10 @@ class OnnxRuntimeCudaBackend:
         than one reused buffer: the device kernels read this batch's ids and mask after `run` has
         returned, while the next batch is already being copied.
         """
-        host = np.stack((input_ids, attention_mask))
+        host = np.ascontiguousarray(np.stack((input_ids, attention_mask)), dtype=np.int64)
         if buffer is None:
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(list(host.shape), np.int64, "cuda", self.device_id)
-        cudart, check = self._cudart, self._check
-        kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        check(cudart.cudaMemcpyAsync(buffer.data_ptr(), host.ctypes.data, host.nbytes, kind, self._copy_stream))
-        # The copy is on our stream, ONNX Runtime computes on its own: finish the copy before the run.
-        check(cudart.cudaStreamSynchronize(self._copy_stream))
+            buffer = self._new_buffer(host.shape, np.int64)
+        self._memory.upload(int(buffer.data_ptr()), host)
         return buffer
 
     def _bind_inputs(self, io: Any, buffer: Any, shape: tuple[int, int]) -> tuple[DeviceArray, DeviceArray]:
@@ -330,8 +402,8 @@ class OnnxRuntimeCudaBackend:
         half = int(np.prod(shape)) * 8
         arrays = []
         for k, name in enumerate(INPUT_NAMES):
-            io.bind_input(name, "cuda", self.device_id, np.int64, list(shape), ptr + k * half)
-            arrays.append(DeviceArray(ptr + k * half, shape, np.int64, self.device_id, owner=buffer))
+            io.bind_input(name, self.device_type, self.device_id, np.int64, list(shape), ptr + k * half)
+            arrays.append(DeviceArray(ptr + k * half, shape, np.int64, self.device_id, self.device_type, owner=buffer))
         return arrays[0], arrays[1]
 
     def _run_plain(
@@ -343,18 +415,18 @@ class OnnxRuntimeCudaBackend:
         buffer = self._upload_inputs(input_ids, attention_mask)
         ids_dev, mask_dev = self._bind_inputs(io, buffer, tuple(input_ids.shape))
         for name in outputs:
-            io.bind_output(name, "cuda", self.device_id)
+            io.bind_output(name, self.device_type, self.device_id)
         self._session.run_with_iobinding(io, self._plain_run)
         values = io.get_outputs()  # in binding order
         context = None
         if self._kernels is not None:
-            context = DeviceContext(self._kernels, ids_dev, mask_dev, self._post_stream, self.colbert_fp16)
+            context = DeviceContext(self._kernels, ids_dev, mask_dev, self._memory.post_stream, self.colbert_fp16)
         result: dict[str, np.ndarray | DeviceArray] = {}
         for name, value in zip(outputs, values):
             float32 = value.data_type() == "tensor(float)"
             if name != "dense_vecs" and context is not None and float32:
                 result[name] = DeviceArray(
-                    int(value.data_ptr()), tuple(value.shape()), np.float32, self.device_id,
+                    int(value.data_ptr()), tuple(value.shape()), np.float32, self.device_id, self.device_type,
                     owner=(io, value, buffer), context=context,
                 )  # fmt: skip
             else:
@@ -364,20 +436,17 @@ class OnnxRuntimeCudaBackend:
     def warmup(self) -> None:
         """Capture every bucket's CUDA graph now rather than on the first queries of each length."""
         with self._lock:
-            self._check(self._cudart.cudaSetDevice(self.device_id))
+            self._memory.activate()
             for bucket in self._buckets.values():
                 bucket.warmup()
 
     def close(self) -> None:
         with self._lock:
             self._buckets.clear()
-            if self._kernels is not None:
+            if self._kernels is not None and hasattr(self._kernels, "close"):
                 self._kernels.close()
-                self._kernels = None
-            for stream in (self._copy_stream, self._post_stream):
-                if stream:
-                    self._cudart.cudaStreamDestroy(stream)
-            self._copy_stream = self._post_stream = 0
+            self._kernels = None
+            self._memory.close()
 
 
 class _GraphBucket:
@@ -388,6 +457,7 @@ class _GraphBucket:
     bound to preallocated OrtValues (ONNX Runtime's CUDA-graph recipe: bind OrtValues, update them in
     place, `run_with_iobinding` with the same binding). `gpu_graph_id` (>= 1; 0 is reserved, -1 skips)
     selects this bucket's graph in the one session; ONNX Runtime captures it after its warm-up runs.
+    One session rather than one per bucket: the weights (1.1 GB in fp16) are loaded once.
 
     Padding does not change a real token's outputs: padded positions have attention_mask 0, and the
     fused Attention op turns the mask into per-row key lengths (right padding), so padded keys get
@@ -402,15 +472,13 @@ class _GraphBucket:
 
     def __init__(self, backend: OnnxRuntimeCudaBackend, length: int, graph_id: int) -> None:
         self.backend, self.length, self.graph_id = backend, length, graph_id
-        session, device = backend._session, backend.device_id
-        self.io = session.io_binding()
-        self.inputs = ort.OrtValue.ortvalue_from_shape_and_type([2, 1, length], np.int64, "cuda", device)
+        self.io = backend._session.io_binding()
+        self.inputs = backend._new_buffer([2, 1, length], np.int64)
         backend._bind_inputs(self.io, self.inputs, (1, length))
         self.outputs: dict[str, Any] = {}
         for name in OUTPUT_NAMES:
-            shape = self._output_shape(name)
             dtype = np.float16 if backend._output_types[name] == "tensor(float16)" else np.float32
-            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", device)
+            value = backend._new_buffer(self._output_shape(name), dtype)
             self.io.bind_ortvalue_output(name, value)
             self.outputs[name] = value
         self.run_options = ort.RunOptions()
@@ -418,15 +486,12 @@ class _GraphBucket:
         self.runs = 0
 
     def _output_shape(self, name: str) -> list[int]:
-        dims = self.backend._output_dims[name]
-        width = {"dense_vecs": None, "sparse_weights": self.length, "colbert_vecs": self.length - 1}[name]
-        shape = [1] + ([width] if width is not None else [])
-        if name != "sparse_weights":
-            feature = dims[-1]
-            if not isinstance(feature, int):
-                raise ArtifactError(f"{name} has a symbolic last dimension {feature!r}; expected the vector size")
-            shape.append(feature)
-        return shape
+        if name == "sparse_weights":
+            return [1, self.length]
+        feature = self.backend._output_dims[name][-1]
+        if not isinstance(feature, int):
+            raise ArtifactError(f"{name} has a symbolic last dimension {feature!r}; expected the vector size")
+        return [1, self.length - 1, feature] if name == "colbert_vecs" else [1, feature]
 
     def warmup(self) -> None:
         # ONNX Runtime runs a few regular runs per graph id before it captures (allocations happen

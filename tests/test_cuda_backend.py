@@ -1,0 +1,400 @@
+"""The GPU serving path: the fused export, the ONNX Runtime CUDA backend's errors, its IOBinding path,
+and the device branch of post-processing.
+
+What runs here (no GPU, the CPU build of onnxruntime): the fused export on the tiny model, the real
+errors of asking this onnxruntime for CUDA, the CUDA backend's IOBinding code on ONNX Runtime's CPU
+provider (`device_type="cpu"`: real sessions, bindings and OrtValues on host memory), and the
+post-processing seam with DeviceArrays over host memory. The `gpu` tests (deselected by default; run
+with `-m gpu` on a machine with onnxruntime-gpu and a GPU) compare ONNX Runtime CUDA with the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from m3rt import ArtifactError, BackendError, M3Model
+from m3rt.backends.base import parse_device, select_graph
+from m3rt.backends.onnxruntime import (
+    OnnxRuntimeBackend,
+    OnnxRuntimeCudaBackend,
+    backend_error,
+    cuda_unavailable_reason,
+)
+from m3rt.device_array import DeviceArray, DeviceContext, HostPointerKernels
+from m3rt.export.artifact import ExportOptions, export_artifact
+from m3rt.export.validate import Tolerance
+from m3rt.fidelity import DEFAULT_GATES, compare_outputs
+from m3rt.model import _is_out_of_memory
+from m3rt.postprocess import OutputCollector
+from m3rt.scheduler import pad_batch
+
+ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
+
+
+@pytest.fixture(scope="module")
+def fused(tiny, tmp_path_factory):
+    """The tiny checkpoint exported with the plain fp16 and the fused fp16 graphs."""
+    out = tmp_path_factory.mktemp("fused") / "artifact"
+    export_artifact(ExportOptions(model=str(tiny[0]), output=out, fp16=True, fused=True))
+    return out
+
+
+def _assert_same(got: dict, want: dict, atol: float = 0.0) -> None:
+    np.testing.assert_allclose(got["dense_vecs"], want["dense_vecs"], rtol=0, atol=atol)
+    assert len(got["colbert_vecs"]) == len(want["colbert_vecs"])
+    for g, w in zip(got["colbert_vecs"], want["colbert_vecs"]):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=0, atol=atol)
+    for g, w in zip(got["lexical_weights"], want["lexical_weights"]):
+        assert list(g) == list(w)  # same keys in the same order
+        np.testing.assert_allclose([g[k] for k in w], [w[k] for k in w], rtol=0, atol=atol)
+
+
+# ---------------------------------------------------------------------- export
+
+
+def test_fused_graph_is_in_the_manifest_for_cuda_only(fused):
+    data = json.loads((fused / "m3rt.json").read_text())
+    entry = data["graphs"]["fp16-fused"]
+    assert entry["file"] == "model.fp16.fused.onnx" and entry["precision"] == "fp16"
+    assert entry["execution_provider"] == "CUDAExecutionProvider" and entry["backends"] == ["onnxruntime-cuda"]
+    for file in entry["files"]:
+        assert file in data["files"]
+    # num_heads and hidden_size come from the checkpoint's config (tiny: 4 heads, 64 wide, 2 layers).
+    assert entry["optimizer"]["num_heads"] == 4 and entry["optimizer"]["hidden_size"] == 64
+    ops = entry["optimizer"]["fused_operators"]
+    assert ops["Attention"] == 2 and ops["SkipLayerNormalization"] == 4 and ops["BiasGelu"] == 2
+    assert entry["warnings"] == []
+    # The fused fp32 graph was checked against PyTorch with the plain export's tolerance.
+    tol = Tolerance()
+    for head in entry["validation"]["heads"].values():
+        assert head["max_abs_diff"] <= tol.max_abs_diff and head["min_cosine"] >= tol.min_cosine
+    assert entry["fidelity"]["passed"] and "gpu_check" in entry["fidelity"]["measured_on"]
+
+
+def test_fused_file_is_fp16_with_the_fused_ops(fused):
+    model = onnx.load(str(fused / "model.fp16.fused.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= ops
+    assert "Softmax" not in ops  # inside the fused Attention
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in model.graph.initializer if len(t.dims) == 2}
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+
+
+def test_the_cpu_never_runs_the_cuda_only_graph(fused):
+    model = M3Model.load(fused, precision="fp16")
+    assert model.backend._session._model_path.endswith("model.fp16.onnx")  # the plain fp16 graph
+    with pytest.raises(ArtifactError, match="built for ONNX Runtime's CUDAExecutionProvider"):
+        M3Model.load(fused, precision="fp16-fused")
+    manifest = model.manifest
+    assert select_graph(manifest, "fp16", "cpu") == "fp16"
+    assert select_graph(manifest, "fp16", "cuda") == "fp16-fused"
+    assert select_graph(manifest, "fp32", "cuda") == "fp32"
+
+
+def test_artifacts_without_a_fused_graph_still_load(tiny):
+    model = M3Model.load(tiny[1])
+    assert "fp16-fused" not in model.manifest.graphs
+    assert select_graph(model.manifest, "fp32", "cuda") == "fp32"
+    with pytest.raises(ArtifactError, match="no 'fp16' graph"):
+        select_graph(model.manifest, "fp16", "cuda")
+
+
+def test_device_strings():
+    assert parse_device(None) == ("cpu", 0)
+    assert parse_device("cuda:2") == ("cuda", 2)
+    assert parse_device(None, [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]) == ("cuda", 1)
+    with pytest.raises(ArtifactError, match="expected 'cpu', 'cuda' or 'cuda:N'"):
+        parse_device("gpu")
+
+
+# ---------------------------------------------------------------------- errors (for real, on this machine)
+
+needs_cpu_build = pytest.mark.skipif(
+    "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+    reason="this onnxruntime has the CUDA provider",
+)
+
+
+@needs_cpu_build
+@pytest.mark.parametrize(
+    "kwargs", [dict(device="cuda"), dict(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])]
+)
+def test_asking_the_cpu_build_for_cuda_says_which_package_to_install(fused, kwargs):
+    with pytest.raises(BackendError) as info:
+        M3Model.load(fused, precision="fp16", **kwargs)
+    text = str(info.value)
+    assert "the installed onnxruntime is the CPU build" in text
+    assert "pip uninstall onnxruntime && pip install 'm3rt[gpu]'" in text
+
+
+@needs_cpu_build
+def test_no_visible_gpu_is_named(monkeypatch):
+    # onnxruntime-gpu on a machine without a GPU lists the CUDA provider; the GPU check must then
+    # say that no GPU is visible (cudaGetDeviceCount, for real, through cuda-python).
+    pytest.importorskip("cuda.bindings")
+    from m3rt.cuda import gpu_unavailable_reason
+
+    if gpu_unavailable_reason() is None:
+        pytest.skip("a GPU is visible here")
+    import onnxruntime
+
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    reason = cuda_unavailable_reason()
+    assert reason is not None and "no CUDA GPU is visible" in reason
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # ONNX Runtime's BFC arena and CUDA allocator, cuBLAS workspace, and our cuda-python helpers.
+        "Failed to allocate memory for requested buffer of size 4294967296",
+        "CUDA failure 2: out of memory ; GPU=0 ; hostname=h ; file=cuda_allocator.cc",
+        "CUBLAS failure 3: CUBLAS_STATUS_ALLOC_FAILED",
+        "CUDA error 2 (cudaErrorMemoryAllocation)",
+    ],
+)
+def test_out_of_memory_errors_are_recognised_so_the_batch_is_split(message):
+    error = backend_error(RuntimeError(message), (8, 512))
+    assert isinstance(error, BackendError) and "out of memory" in str(error)
+    assert _is_out_of_memory(error)
+    other = backend_error(RuntimeError("Non-zero status code returned while running Gather node"), (8, 512))
+    assert not _is_out_of_memory(other)
+
+
+class _OutOfMemoryAbove:
+    """Raises the backend's own out-of-memory error for batches over `rows` rows, runs the rest."""
+
+    thread_safe = False
+
+    def __init__(self, inner, rows):
+        self.inner, self.rows, self.calls = inner, rows, []
+
+    def run(self, ids, mask, outputs):
+        self.calls.append(ids.shape[0])
+        if ids.shape[0] > self.rows:
+            raise backend_error(RuntimeError("Failed to allocate memory for requested buffer"), ids.shape)
+        return self.inner.run(ids, mask, outputs)
+
+
+def test_an_out_of_memory_batch_is_split_and_nothing_is_lost(tiny_model, texts):
+    backend = _OutOfMemoryAbove(tiny_model.backend, rows=3)
+    model = M3Model(tiny_model.manifest, backend, tiny_model.tokenizer)
+    got = model.encode(texts, batch_size=16, **ALL)
+    assert max(backend.calls) == 16 and any(n <= 3 for n in backend.calls)
+    want = tiny_model.encode(texts, batch_size=3, **ALL)
+    _assert_same(got, want, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the IOBinding path on ORT CPU
+
+
+@pytest.fixture(scope="module")
+def iobinding_models(fused):
+    """The CUDA backend's IOBinding code on ONNX Runtime CPU vs plain session.run, same graph."""
+    reference = M3Model.load(fused)
+    graph = fused / "model.fp16.fused.onnx"  # the CPU provider runs the contrib ops too
+    backend = OnnxRuntimeCudaBackend(graph, device_type="cpu", pad_id=reference.pad_id, graph_buckets=(8, 16, 32))
+    bound = M3Model(reference.manifest, backend, reference.tokenizer)
+    plain = M3Model(reference.manifest, OnnxRuntimeBackend(graph), reference.tokenizer)
+    return bound, plain
+
+
+def test_iobinding_path_matches_session_run(iobinding_models, texts):
+    bound, plain = iobinding_models
+    for batch_size in (1, 4, 64):
+        _assert_same(
+            bound.encode(texts, batch_size=batch_size, **ALL), plain.encode(texts, batch_size=batch_size, **ALL)
+        )
+    csr = bound.encode(texts, batch_size=4, sparse_format="csr", **ALL)["lexical_weights"]
+    want = plain.encode(texts, batch_size=4, sparse_format="csr", **ALL)["lexical_weights"]
+    assert np.array_equal(csr.indptr, want.indptr) and np.array_equal(csr.indices, want.indices)
+
+
+def test_padded_buckets_give_the_unpadded_outputs(iobinding_models):
+    bound, plain = iobinding_models
+    backend = bound.backend
+    before = {k: b.runs for k, b in backend._buckets.items()}
+    for text in ("hi", "BGE-M3 is an embedding model", "word " * 12, "word " * 40):
+        _assert_same(bound.encode([text], **ALL), plain.encode([text], **ALL))
+    ran = {k: b.runs - before[k] for k, b in backend._buckets.items()}
+    assert ran[8] >= 1 and ran[16] >= 1 and ran[32] >= 1  # each bucket served one query; the longest none
+
+
+def test_outputs_are_device_arrays_that_outlive_later_runs(iobinding_models):
+    bound, _ = iobinding_models
+    backend = bound.backend
+    ids = np.array([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]], dtype=np.int64)
+    mask = (ids != 1).astype(np.int64)
+    first = backend.run(ids, mask, ("dense_vecs", "sparse_weights", "colbert_vecs"))
+    assert isinstance(first["dense_vecs"], np.ndarray)
+    assert isinstance(first["sparse_weights"], DeviceArray) and first["sparse_weights"].shape == (2, 5)
+    assert isinstance(first["colbert_vecs"], DeviceArray) and first["colbert_vecs"].shape[:2] == (2, 4)
+    snapshot = first["colbert_vecs"].to_host()
+    assert np.array_equal(first["sparse_weights"].context.input_ids.to_host(), ids)
+    for _ in range(3):  # later batches get their own buffers: the first results stay intact
+        backend.run(ids[:, ::-1].copy(), mask, ("dense_vecs", "sparse_weights", "colbert_vecs"))
+    assert np.array_equal(first["colbert_vecs"].to_host(), snapshot)
+    assert np.array_equal(first["sparse_weights"].context.input_ids.to_host(), ids)
+
+
+def test_host_post_processing_when_device_post_processing_is_off(fused, iobinding_models):
+    _, plain = iobinding_models
+    backend = OnnxRuntimeCudaBackend(
+        fused / "model.fp16.fused.onnx", device_type="cpu", device_postprocess=False, cuda_graph=False
+    )
+    ids = np.array([[0, 5, 6, 2]], dtype=np.int64)
+    out = backend.run(ids, np.ones_like(ids), ("sparse_weights", "colbert_vecs"))
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in out.values())
+    assert backend._buckets == {}
+
+
+# ---------------------------------------------------------------------- the post-processing seam
+
+
+def _host_device_array(array: np.ndarray, context: DeviceContext | None = None) -> DeviceArray:
+    array = np.ascontiguousarray(array)
+    return DeviceArray(array.ctypes.data, array.shape, array.dtype, 0, "cpu", owner=array, context=context)
+
+
+@pytest.mark.parametrize("colbert_fp16", [False, True])
+def test_device_arrays_go_to_the_kernels_numpy_arrays_to_the_cpu_path(colbert_fp16):
+    rng = np.random.default_rng(0)
+    lengths = [7, 3, 5, 1]
+    ids = [np.concatenate(([0], rng.integers(3, 40, n - 2), [2])) if n > 1 else np.array([0]) for n in lengths]
+    batch = pad_batch(ids, np.arange(len(ids)), pad_id=1)
+    shape = batch.input_ids.shape
+    sparse = rng.standard_normal(shape).astype(np.float32)
+    colbert = rng.standard_normal((shape[0], shape[1] - 1, 6)).astype(np.float32)
+    dense = rng.standard_normal((shape[0], 6)).astype(np.float32)
+    context = DeviceContext(
+        HostPointerKernels(),
+        _host_device_array(batch.input_ids),
+        _host_device_array(batch.attention_mask),
+        colbert_fp16=colbert_fp16,
+    )
+    outputs = ("dense_vecs", "sparse_weights", "colbert_vecs")
+    on_device = OutputCollector(len(ids), 6, outputs, (0, 1, 2, 3))
+    on_device.add(
+        batch,
+        {
+            "dense_vecs": _host_device_array(dense),
+            "sparse_weights": _host_device_array(sparse, context),
+            "colbert_vecs": _host_device_array(colbert, context),
+        },
+    )
+    on_host = OutputCollector(len(ids), 6, outputs, (0, 1, 2, 3))
+    on_host.add(batch, {"dense_vecs": dense, "sparse_weights": sparse, "colbert_vecs": colbert})
+    (d1, s1, c1), (d2, s2, c2) = on_device.finish(), on_host.finish()
+    assert np.array_equal(d1, d2)
+    assert np.array_equal(s1.indptr, s2.indptr) and np.array_equal(s1.indices, s2.indices)
+    assert np.array_equal(s1.values, s2.values)
+    for a, b in zip(c1, c2):
+        assert a.dtype == (np.float16 if colbert_fp16 else np.float32)
+        assert np.array_equal(a, b.astype(a.dtype))
+
+
+def test_device_arrays_need_their_context_and_float32():
+    batch = pad_batch([np.array([0, 5, 2])], np.arange(1), pad_id=1)
+    collector = OutputCollector(1, 4, ("sparse_weights",), (0, 1, 2, 3))
+    with pytest.raises(RuntimeError, match="without a DeviceContext"):
+        collector.add(batch, {"sparse_weights": _host_device_array(np.ones((1, 3), np.float32))})
+    context = DeviceContext(
+        HostPointerKernels(), _host_device_array(batch.input_ids), _host_device_array(batch.input_ids)
+    )
+    with pytest.raises(RuntimeError, match="float16"):
+        collector.add(batch, {"sparse_weights": _host_device_array(np.ones((1, 3), np.float16), context)})
+
+
+def test_a_device_array_converts_by_copying():
+    source = np.arange(6, dtype=np.float32).reshape(2, 3)
+    device = _host_device_array(source)
+    copied = np.asarray(device)
+    assert np.array_equal(copied, source) and copied.ctypes.data != source.ctypes.data
+    assert device.nbytes == 24
+
+
+# ---------------------------------------------------------------------- on a GPU (-m gpu)
+
+gpu = pytest.mark.gpu
+
+
+def _cuda_or_skip():
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@gpu
+def test_cuda_fused_fp16_within_the_fp16_gates_of_cpu_fp32(fused, texts):
+    _cuda_or_skip()
+    cuda = M3Model.load(fused, precision="fp16", device="cuda")
+    assert cuda.backend.graph_path.name == "model.fp16.fused.onnx"
+    assert "CUDAExecutionProvider" in cuda.backend.providers
+    cpu = M3Model.load(fused)
+    got, want = cuda.encode(texts, batch_size=8, **ALL), cpu.encode(texts, batch_size=8, **ALL)
+    figures = compare_outputs(got, want)
+    assert not DEFAULT_GATES["fp16"].failures(figures), figures
+    assert figures["colbert_cos_mean"] > 0.999 and figures["sparse_top10_overlap"] > 0.9
+
+
+@gpu
+def test_cuda_graph_buckets_match_the_plain_cuda_path(fused):
+    _cuda_or_skip()
+    graphs = M3Model.load(fused, precision="fp16", device="cuda", backend_options={"cuda_graph": True})
+    plain = M3Model.load(fused, precision="fp16", device="cuda", backend_options={"cuda_graph": False})
+    assert graphs.backend.cuda_graph, graphs.backend.notes
+    queries = ["hi", "BGE-M3 is an embedding model", "word " * 40]
+    for _ in range(4):  # warm-up runs, capture, replays
+        got = graphs.encode(queries, batch_size=1, **ALL)
+    assert all(b.runs >= 4 for b in graphs.backend._buckets.values() if b.length in (16, 64))
+    figures = compare_outputs(got, plain.encode(queries, batch_size=1, **ALL))
+    assert figures["dense_cos_min"] > 0.9999 and figures["colbert_cos_min"] > 0.999, figures
+
+
+@gpu
+@pytest.mark.parametrize("colbert_fp16", [False, True])
+def test_device_post_processing_equals_host_post_processing_of_the_same_outputs(fused, texts, colbert_fp16):
+    _cuda_or_skip()
+    model = M3Model.load(
+        fused, precision="fp16", device="cuda", backend_options={"cuda_graph": False, "colbert_fp16": colbert_fp16}
+    )
+    ids = model.tokenizer.encode(texts, max_length=512).ids
+    batch = pad_batch(ids, np.arange(len(ids)), model.pad_id)
+    outputs = ("dense_vecs", "sparse_weights", "colbert_vecs")
+    values = model.backend.run(batch.input_ids, batch.attention_mask, outputs)
+    assert isinstance(values["sparse_weights"], DeviceArray) and isinstance(values["colbert_vecs"], DeviceArray)
+    host = {k: v.to_host() if isinstance(v, DeviceArray) else v for k, v in values.items()}
+    results = []
+    for vals in (values, host):
+        collector = OutputCollector(len(ids), model.manifest.hidden_size, outputs, model.unused_ids)
+        collector.add(batch, vals)
+        results.append(collector.finish())
+    (d1, s1, c1), (d2, s2, c2) = results
+    assert np.array_equal(d1, d2)
+    assert np.array_equal(s1.indptr, s2.indptr) and np.array_equal(s1.indices, s2.indices)
+    assert np.array_equal(s1.values.view(np.uint32), s2.values.view(np.uint32))
+    for a, b in zip(c1, c2):
+        assert np.array_equal(a, b.astype(np.float16) if colbert_fp16 else b)
+
+
+@gpu
+def test_cuda_fp32_plain_graph_matches_cpu_fp32(fused, texts):
+    _cuda_or_skip()
+    cuda = M3Model.load(
+        fused,
+        device="cuda",
+        providers=[("CUDAExecutionProvider", {"use_tf32": 0})],
+        backend_options={"cuda_graph": False},
+    )
+    figures = compare_outputs(
+        cuda.encode(texts, batch_size=8, **ALL), M3Model.load(fused).encode(texts, batch_size=8, **ALL)
+    )
+    assert figures["dense_cos_min"] > 0.99999 and figures["colbert_cos_min"] > 0.9999

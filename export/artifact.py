@@ -45,7 +45,7 @@ class ExportOptions:
     fp16_outputs: bool = False
     int8: bool = False
     calibration: Path | None = None
-    int8_fp32_layers: tuple[int, ...] | None = None  # None: variants.INT8_FP32_LAYERS
+    int8_sensitive_layers: tuple[int, ...] | None = None  # None: variants.INT8_SENSITIVE_LAYERS
     int8_forms: tuple[str, ...] = ("cpu", "qdq")
     gates: dict[str, Gate] = field(default_factory=lambda: dict(DEFAULT_GATES))
     allow_degraded: bool = False
@@ -263,17 +263,19 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                 steps.update()
             if opts.int8:
                 t = step("int8")
-                fp32_layers = variants.INT8_FP32_LAYERS if opts.int8_fp32_layers is None else opts.int8_fp32_layers
+                sensitive = (
+                    variants.INT8_SENSITIVE_LAYERS if opts.int8_sensitive_layers is None else opts.int8_sensitive_layers
+                )
                 kept = ["attention MatMuls", "LayerNorm", "Softmax", "normalisations"]
-                kept.append(f"weight MatMuls of encoder layers {list(fp32_layers)}")
                 if "cpu" in opts.int8_forms:
-                    files = variants.quantize_int8_cpu(staging / "model.onnx", staging / "model.int8.onnx", fp32_layers)
+                    files = variants.quantize_int8_cpu(staging / "model.onnx", staging / "model.int8.onnx", sensitive)
                     graphs["int8"] = entry(
                         files,
                         "int8",
                         backends=["onnxruntime-cpu"],
                         form="per-channel symmetric int8 weights, dynamic int8 activations (MatMulInteger)",
-                        kept_higher_precision=kept,
+                        kept_higher_precision=kept
+                        + [f"weight MatMuls of encoder layers {list(sensitive)} as two-term int8 (~16-bit)"],
                         fidelity=measured.measure("int8", staging / "model.int8.onnx"),
                     )
                 if "qdq" in opts.int8_forms:
@@ -284,14 +286,14 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                         measured.tokenizer,
                         calibration,
                         specials["pad"],
-                        fp32_layers,
+                        sensitive,
                     )
                     graphs["int8-qdq"] = entry(
                         files,
                         "int8",
                         backends=["tensorrt"],
                         form="explicit symmetric QuantizeLinear/DequantizeLinear, per-channel weights",
-                        kept_higher_precision=kept,
+                        kept_higher_precision=kept + [f"weight MatMuls of encoder layers {list(sensitive)} in fp32"],
                         calibration={"source": calibration_source, "texts": len(calibration), "method": "MinMax"},
                         fidelity=measured.measure("int8-qdq", staging / "model.int8.qdq.onnx"),
                     )

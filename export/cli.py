@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8 calibration text, one text per line (default: the built-in multilingual sample)",
     )
     precision.add_argument(
-        "--int8-fp32-layers",
+        "--int8-sensitive-layers",
         type=lambda v: tuple(int(x) for x in v.split(",") if x.strip()),
-        help="encoder layers whose weight MatMuls stay fp32 in the int8 graphs (default 0,1; '' quantises all)",
+        help="encoder layers given higher precision in the int8 graphs: two-term int8 in model.int8.onnx, "
+        "fp32 in model.int8.qdq.onnx (default 0,1; '' quantises all plainly)",
     )
     precision.add_argument(
         "--int8-forms",
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         fp16_outputs=args.fp16_outputs,
         int8=args.int8,
         calibration=args.calibration,
-        int8_fp32_layers=args.int8_fp32_layers,
+        int8_sensitive_layers=args.int8_sensitive_layers,
         int8_forms=args.int8_forms,
         allow_degraded=args.allow_degraded,
         engine=args.engine,

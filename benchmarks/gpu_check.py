@@ -670,10 +670,14 @@ def step_variants(run: Run) -> dict[str, Any]:
     return out
 
 
+PYTEST_ARGS = ["-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_cuda_backend.py"]
+
+
 def step_gpu_tests(run: Run) -> dict[str, Any]:
     _need_gpu(run)
     timeout = max(30.0, min(180.0, run.left() - 10))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_cuda_backend.py"]
+    # Through this script (--pytest): m3rt resolves from this checkout even where it is not installed.
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--pytest", *PYTEST_ARGS]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     return {"returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
 
@@ -837,6 +841,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--pytest"]:
+        import pytest
+
+        os.chdir(REPO)
+        return int(pytest.main(argv[1:]))
     args = build_parser().parse_args(argv)
     run = Run(args)
     run.step("environment", lambda: step_environment(run), 0)

@@ -256,6 +256,18 @@ def test_host_post_processing_when_device_post_processing_is_off(fused, iobindin
     assert backend._buckets == {}
 
 
+@pytest.mark.parametrize("device_postprocess", [True, False])
+def test_colbert_fp16_is_float16_on_every_path(fused, device_postprocess):
+    reference = M3Model.load(fused)
+    backend = OnnxRuntimeCudaBackend(
+        fused / "model.fp16.fused.onnx", device_type="cpu", colbert_fp16=True, device_postprocess=device_postprocess
+    )
+    model = M3Model(reference.manifest, backend, reference.tokenizer)
+    bucketed = model.encode("a short query", return_colbert_vecs=True)["colbert_vecs"]
+    batched = model.encode(["word " * 80, "x"], return_colbert_vecs=True)["colbert_vecs"]
+    assert bucketed.dtype == np.float16 and all(v.dtype == np.float16 for v in batched)
+
+
 # ---------------------------------------------------------------------- the post-processing seam
 
 

@@ -430,8 +430,13 @@ class OnnxRuntimeCudaBackend:
                     owner=(io, value, buffer), context=context,
                 )  # fmt: skip
             else:
-                result[name] = np.asarray(value.numpy(), dtype=np.float32)
+                result[name] = self._host_output(name, value.numpy())
         return result
+
+    def _host_output(self, name: str, array: np.ndarray) -> np.ndarray:
+        # ColBERT in the dtype the device path returns (float16 when asked for), everything else float32.
+        dtype = np.float16 if name == "colbert_vecs" and self.colbert_fp16 else np.float32
+        return np.ascontiguousarray(array, dtype=dtype)
 
     def warmup(self) -> None:
         """Capture every bucket's CUDA graph now rather than on the first queries of each length."""
@@ -511,4 +516,4 @@ class _GraphBucket:
         self.backend._session.run_with_iobinding(self.io, self.run_options)
         self.runs += 1
         cut = {"dense_vecs": np.s_[:], "sparse_weights": np.s_[:, :real], "colbert_vecs": np.s_[:, : real - 1]}
-        return {name: np.asarray(self.outputs[name].numpy()[cut[name]], dtype=np.float32) for name in outputs}
+        return {name: self.backend._host_output(name, self.outputs[name].numpy()[cut[name]]) for name in outputs}

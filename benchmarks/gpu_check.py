@@ -582,7 +582,10 @@ def step_profile(run: Run) -> dict[str, Any]:
     out["staged_total_s"] = out["tokenize_s"] + pad_s + run_s + post_s
     out["model_only_tokens_per_s"] = tokens / max(out["model_s"], 1e-9)
     if not run.dry:
-        out["kernels"] = _kernel_profile(model)
+        try:  # the staged timings above must survive a profiler failure
+            out["kernels"] = _kernel_profile(model)
+        except Exception as exc:  # noqa: BLE001
+            out["kernels"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
 
 

@@ -325,6 +325,19 @@ class OnnxRuntimeCudaBackend:
         if cuda_graph and (self.cuda_graph or device_type == "cpu"):
             for graph_id, length in enumerate(sorted({int(b) for b in graph_buckets if int(b) >= 2}), start=1):
                 self._buckets[length] = _GraphBucket(self, length, graph_id)
+            # Capture every graph now, not on the first query of each length: ONNX Runtime captures in
+            # cudaStreamCaptureModeGlobal, where CUDA calls from other threads (the pipeline's post-
+            # processing kernels of the previous batch) would invalidate the capture. Replays are safe.
+            try:
+                self.warmup()
+            except Exception as exc:
+                if device_type != "cuda" or is_out_of_memory_text(str(exc)):
+                    raise
+                self.notes.append(f"CUDA graphs off: capture failed: {exc}")
+                self._buckets.clear()
+                self.cuda_graph = False
+                self._session = self._create_session(base)
+                self._plain_run = ort.RunOptions()
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -439,7 +452,8 @@ class OnnxRuntimeCudaBackend:
         return np.ascontiguousarray(array, dtype=dtype)
 
     def warmup(self) -> None:
-        """Capture every bucket's CUDA graph now rather than on the first queries of each length."""
+        """Run every bucket a few times: ONNX Runtime captures its CUDA graph there (done at construction;
+        later calls only replay)."""
         with self._lock:
             self._memory.activate()
             for bucket in self._buckets.values():

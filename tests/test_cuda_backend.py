@@ -245,6 +245,30 @@ def test_outputs_are_device_arrays_that_outlive_later_runs(iobinding_models):
     assert np.array_equal(first["sparse_weights"].context.input_ids.to_host(), ids)
 
 
+def test_a_graph_enabled_session_runs_on_one_thread_whoever_calls(iobinding_models, texts, monkeypatch):
+    # ONNX Runtime keeps CUDA graphs per thread: every run must come from the backend's own worker.
+    import threading
+
+    bound, _ = iobinding_models
+    backend = bound.backend
+    seen: set[str] = set()
+    inner = backend._run
+
+    def recording(*args):
+        seen.add(threading.current_thread().name)
+        return inner(*args)
+
+    monkeypatch.setattr(backend, "_run", recording)
+    monkeypatch.setattr("m3rt.pipeline.CHUNK_TEXTS", 9)  # the threaded pipeline: a backend thread per call
+    threads = [threading.Thread(target=bound.encode, args=(texts,), kwargs=dict(batch_size=2, **ALL)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    bound.encode("a query", **ALL)
+    assert len(seen) == 1 and next(iter(seen)).startswith("m3rt-onnxruntime")
+
+
 def test_host_post_processing_when_device_post_processing_is_off(fused, iobinding_models):
     _, plain = iobinding_models
     backend = OnnxRuntimeCudaBackend(

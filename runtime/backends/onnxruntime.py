@@ -22,7 +22,8 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,8 @@ class OnnxRuntimeCudaBackend:
     `thread_safe = False`: the CUDA-graph buckets own fixed device buffers, and the host->device copy
     uses one stream; `M3Model` runs one batch at a time on it (the GPU runs one at a time anyway).
     Outputs of different calls never share memory, so the post-processing of batch k (in the
-    caller's thread) overlaps the run of batch k+1 safely.
+    caller's thread) overlaps the run of batch k+1 safely. With CUDA graphs on, every run executes on
+    one worker thread of the backend, whichever thread calls (see `_on_worker`).
 
     `device_type="cpu"` runs the identical IOBinding code on ONNX Runtime's CPU provider and host
     memory (no CUDA graphs: buckets are plain padded runs; `HostPointerKernels` instead of the CUDA
@@ -322,7 +324,14 @@ class OnnxRuntimeCudaBackend:
             # gpu_graph_id=-1: this run neither captures nor replays (onnxruntime_run_options_config_keys.h).
             self._plain_run.add_run_config_entry("gpu_graph_id", "-1")
         self._buckets: dict[int, _GraphBucket] = {}
+        # ONNX Runtime's CUDA EP keeps captured graphs per thread (its PerThreadContext), and with graphs
+        # enabled it never releases a thread's context: a graph captured in one thread does not replay
+        # in another, and every new thread that runs the session (the pipeline starts a backend thread
+        # per large encode call) would keep a context of its own for good. So a graph-enabled session
+        # runs on one long-lived thread of ours; calls hand over to it (tens of microseconds).
+        self._worker: ThreadPoolExecutor | None = None
         if cuda_graph and (self.cuda_graph or device_type == "cpu"):
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3rt-onnxruntime")
             for graph_id, length in enumerate(sorted({int(b) for b in graph_buckets if int(b) >= 2}), start=1):
                 self._buckets[length] = _GraphBucket(self, length, graph_id)
             # Capture every graph now, not on the first query of each length: ONNX Runtime captures in
@@ -335,9 +344,16 @@ class OnnxRuntimeCudaBackend:
                     raise
                 self.notes.append(f"CUDA graphs off: capture failed: {exc}")
                 self._buckets.clear()
+                self._worker.shutdown(wait=True)
+                self._worker = None
                 self.cuda_graph = False
                 self._session = self._create_session(base)
                 self._plain_run = ort.RunOptions()
+
+    def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._worker is None:
+            return fn(*args)
+        return self._worker.submit(fn, *args).result()
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -376,17 +392,22 @@ class OnnxRuntimeCudaBackend:
         shape = tuple(input_ids.shape)
         with self._lock:
             try:
-                self._memory.activate()
-                bucket = self._bucket_for(input_ids)
-                if bucket is not None:
-                    return bucket.run(input_ids, attention_mask, outputs)
-                return self._run_plain(input_ids, attention_mask, outputs)
+                return self._on_worker(self._run, input_ids, attention_mask, outputs)
             except M3Error as exc:
                 if isinstance(exc, BackendError) and is_out_of_memory_text(str(exc)):
                     raise backend_error(exc, shape) from exc
                 raise
             except Exception as exc:
                 raise backend_error(exc, shape) from exc
+
+    def _run(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
+    ) -> dict[str, np.ndarray | DeviceArray]:
+        self._memory.activate()
+        bucket = self._bucket_for(input_ids)
+        if bucket is not None:
+            return bucket.run(input_ids, attention_mask, outputs)
+        return self._run_plain(input_ids, attention_mask, outputs)
 
     def _bucket_for(self, input_ids: np.ndarray) -> _GraphBucket | None:
         if not self._buckets or input_ids.shape[0] != 1:
@@ -454,14 +475,21 @@ class OnnxRuntimeCudaBackend:
     def warmup(self) -> None:
         """Run every bucket a few times: ONNX Runtime captures its CUDA graph there (done at construction;
         later calls only replay)."""
-        with self._lock:
+
+        def warm() -> None:
             self._memory.activate()
             for bucket in self._buckets.values():
                 bucket.warmup()
 
+        with self._lock:
+            self._on_worker(warm)
+
     def close(self) -> None:
         with self._lock:
             self._buckets.clear()
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+                self._worker = None
             if self._kernels is not None and hasattr(self._kernels, "close"):
                 self._kernels.close()
             self._kernels = None

@@ -149,7 +149,7 @@ def build_fused_fp16(
         model16 = convert_fused_fp16(fused, weightless)
     files = save_model(model16, staging / FILE_NAME)
     validation = {
-        "graph": "fused fp32 (before fp16 conversion)",
+        "graph": "fused fp32, before the fp16 conversion",
         "against": "PyTorch reference (fp32, eager)",
         **validation,
     }

@@ -47,16 +47,20 @@ def _inspect(args: argparse.Namespace) -> int:
     )
     print(f"specials {data['special_tokens']}")
     for name, graph in data["graphs"].items():
+        quality = []
         if "validation" in graph:
             worst = min(h["min_cosine"] for h in graph["validation"]["heads"].values())
-            quality = f"validated against PyTorch, min cosine {worst:.8f}"
-        else:
+            # The fused graph's validation is of its fp32 form (before the fp16 conversion).
+            what = f" ({graph['validation']['graph']})" if "graph" in graph["validation"] else ""
+            quality.append(f"validated against PyTorch{what}, min cosine {worst:.8f}")
+        if "fidelity" in graph:
             fid = graph["fidelity"]
-            quality = (
+            quality.append(
                 f"vs fp32: dense cos min {fid['dense_cos_min']:.5f}, ColBERT cos mean "
                 f"{fid['colbert_cos_mean']:.5f}, sparse top-10 {fid['sparse_top10_overlap']:.3f}"
                 f"{'' if fid['passed'] else ' (BELOW GATE)'}"
             )
+        quality = "; ".join(quality)
         print(f"graph    {name}: {graph['file']} for {', '.join(graph.get('backends', []))}; {quality}")
     for name, engine in data.get("engines", {}).items():
         print(

@@ -274,8 +274,10 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                         "int8",
                         backends=["onnxruntime-cpu"],
                         form="per-channel symmetric int8 weights, dynamic int8 activations (MatMulInteger)",
-                        kept_higher_precision=kept
-                        + [f"weight MatMuls of encoder layers {list(sensitive)} as two-term int8 (~16-bit)"],
+                        kept_higher_precision=[
+                            *kept,
+                            f"Q/K/V/FFN-in MatMuls of encoder layers {list(sensitive)} as two-term int8 (~16-bit)",
+                        ],
                         fidelity=measured.measure("int8", staging / "model.int8.onnx"),
                     )
                 if "qdq" in opts.int8_forms:

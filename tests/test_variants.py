@@ -144,7 +144,7 @@ def test_int8_gives_sensitive_layers_higher_precision(tiny, tmp_path):
     manifest = export_artifact(
         ExportOptions(model=str(tiny[0]), output=tmp_path / "a", int8=True, int8_sensitive_layers=(1,))
     )
-    assert "weight MatMuls of encoder layers [1] as two-term int8 (~16-bit)" in (
+    assert "Q/K/V/FFN-in MatMuls of encoder layers [1] as two-term int8 (~16-bit)" in (
         manifest["graphs"]["int8"]["kept_higher_precision"]
     )
     assert "weight MatMuls of encoder layers [1] in fp32" in manifest["graphs"]["int8-qdq"]["kept_higher_precision"]
@@ -154,8 +154,13 @@ def test_int8_gives_sensitive_layers_higher_precision(tiny, tmp_path):
     two_term = {n.name for n in cpu.graph.node if "/two_term/" in n.name}
     weights = {t.name for t in cpu.graph.initializer}
     fp32_weight_matmuls = [n.name for n in cpu.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    assert any("layer.0/" in name for name in plain) and not any("layer.1/" in name for name in plain)
+    assert any("layer.0/" in name for name in plain)
     assert any("layer.1/" in name for name in two_term) and not any("layer.0/" in name for name in two_term)
+    for part in ("query", "key", "value", "intermediate"):  # in layer 1: two-term, not plain int8
+        assert any("layer.1/" in n and part in n for n in two_term)
+        assert not any("layer.1/" in n and part in n for n in plain)
+    for part in ("attention/output", "layer.1/output"):  # fed by attention / GELU: plain int8
+        assert any("layer.1/" in n and part in n for n in plain)
     assert fp32_weight_matmuls == []
 
     qdq = onnx.load(str(tmp_path / "a" / "model.int8.qdq.onnx"))

@@ -296,7 +296,11 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                         backends=["tensorrt"],
                         form="explicit symmetric QuantizeLinear/DequantizeLinear, per-channel weights",
                         kept_higher_precision=kept + [f"weight MatMuls of encoder layers {list(sensitive)} in fp32"],
-                        calibration={"source": calibration_source, "texts": len(calibration), "method": "MinMax"},
+                        calibration={
+                            "source": calibration_source,
+                            "texts": len(calibration),
+                            **variants.QDQ_CALIBRATION,
+                        },
                         fidelity=measured.measure("int8-qdq", staging / "model.int8.qdq.onnx"),
                     )
                 timings["int8_s"] = time.perf_counter() - t

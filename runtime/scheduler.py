@@ -40,13 +40,16 @@ def plan_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> lis
     return batches
 
 
-def pad_batch(ids: list[np.ndarray], indices: np.ndarray, pad_id: int, first_index: int = 0) -> Batch:
+def pad_batch(
+    ids: list[np.ndarray], indices: np.ndarray, pad_id: int, first_index: int = 0, width: int | None = None
+) -> Batch:
     """Right-pad the selected texts: XLM-R position ids assume right padding.
 
     `indices` are positions in `ids`; `ids[0]` is input text `first_index` (texts are tokenised in
-    chunks), so the batch's `indices` are `first_index + indices`.
+    chunks), so the batch's `indices` are `first_index + indices`. `width` pads past the longest.
     """
-    width = max(len(ids[i]) for i in indices)
+    longest = max(len(ids[i]) for i in indices)
+    width = longest if width is None else max(width, longest)
     input_ids = np.full((len(indices), width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(indices), width), dtype=np.int64)
     for row, index in enumerate(indices):

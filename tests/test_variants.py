@@ -28,6 +28,7 @@ def test_manifest_describes_each_variant(variants):
     assert graphs["fp16"]["kept_fp32"] == ["LayerNormalization", "Softmax", "ReduceL2"]
     assert graphs["int8"]["backends"] == ["onnxruntime-cpu"] and graphs["int8-qdq"]["backends"] == ["tensorrt"]
     assert graphs["int8-qdq"]["calibration"]["texts"] > 20
+    assert graphs["int8-qdq"]["calibration"]["method"] == "Percentile"
     for name in ("fp16", "int8", "int8-qdq"):
         fidelity = graphs[name]["fidelity"]
         assert fidelity["passed"] and fidelity["texts"] == 47

@@ -60,7 +60,7 @@ def layer_matmuls(model: onnx.ModelProto, layers: Sequence[int]) -> list[str]:
 
 # The MatMuls that read a LayerNorm output (Q, K, V and the FFN's first): two-term int8 on these
 # alone measured the same dense cosine as on all six of a layer, at a third of the extra GEMMs
-# (RESULTS.md, "two-term int8").
+# (RESULTS.md, "int8 rework, second session").
 _LAYERNORM_FED = ("/attention/self/query/", "/attention/self/key/", "/attention/self/value/", "/intermediate/dense/")
 
 

@@ -23,7 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from m3rt.cuda import check, gpu_unavailable_reason, runtime_api
+from m3rt.cuda import (
+    INSTALL_HINT,
+    as_text,
+    check,
+    check_driver,
+    driver_api,
+    gpu_unavailable_reason,
+    nvrtc_api,
+    runtime_api,
+    unpack,
+)
 from m3rt.errors import BackendError, InputError
 from m3rt.kernels.colbert import split_colbert
 from m3rt.kernels.sparse import SparseRows, aggregate_sparse
@@ -48,49 +58,14 @@ SLOT_BYTES = 12
 MAX_STRIDE_BLOCKS = 8192
 MAX_GRID_Y = 65535
 
-GPU_HINT = "pip install 'm3rt[gpu]'"
 NVRTC_HINT = (
     "libnvrtc was not found: install the CUDA toolkit, or pip install nvidia-cuda-nvrtc (CUDA 13) / "
     "nvidia-cuda-nvrtc-cu12 (CUDA 12)"
 )
 
 
-def _nvrtc():
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError:
-        try:
-            from cuda import nvrtc  # cuda-python < 12.6 layout
-        except ImportError as exc:
-            raise BackendError(f"cuda-python is not installed: {GPU_HINT}") from exc
-    return nvrtc
-
-
-def _driver():
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        try:
-            from cuda import cuda as driver  # cuda-python < 12.6 layout
-        except ImportError as exc:
-            raise BackendError(f"cuda-python is not installed: {GPU_HINT}") from exc
-    return driver
-
-
-def _drv_check(result: tuple) -> Any:
-    err, *values = result
-    if int(err) != 0:
-        name = _driver().cuGetErrorName(err)[1]
-        raise BackendError(f"CUDA driver error {int(err)} ({name.decode() if isinstance(name, bytes) else name})")
-    return values[0] if len(values) == 1 else tuple(values)
-
-
 def _nvrtc_call(nvrtc, result: tuple, what: str) -> Any:
-    err, *values = result
-    if int(err) != 0:
-        name = nvrtc.nvrtcGetErrorString(err)[1]
-        raise BackendError(f"NVRTC {what} failed: {name.decode() if isinstance(name, bytes) else name}")
-    return values[0] if len(values) == 1 else tuple(values)
+    return unpack(result, lambda err: f"NVRTC {what} failed: {as_text(nvrtc.nvrtcGetErrorString(err)[1])}")
 
 
 def read_sources() -> dict[str, bytes]:
@@ -104,7 +79,7 @@ def read_sources() -> dict[str, bytes]:
 
 def supported_archs() -> list[int]:
     """Compute capabilities (e.g. 90) the available NVRTC can target."""
-    nvrtc = _nvrtc()
+    nvrtc = nvrtc_api()
     try:
         return sorted(int(a) for a in _nvrtc_call(nvrtc, nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs"))
     except BackendError:
@@ -132,7 +107,7 @@ def compile_sources(arch: str = "sm_90") -> bytes:
     Needs only libnvrtc, no GPU. Cached per process and arch. The header and the sources are handed
     to NVRTC from memory, so nothing depends on include paths or the current directory.
     """
-    nvrtc = _nvrtc()
+    nvrtc = nvrtc_api()
     files = read_sources()
     program_src = "".join(f'#include "{name}"\n' for name in SOURCES).encode()
     names = list(files)
@@ -194,15 +169,15 @@ class _Modules:
     def get(cls, device: int) -> tuple[str, dict[str, Any]]:
         with cls.lock:
             if device not in cls.by_device:
-                driver = _driver()
+                driver = driver_api()
                 props = check(runtime_api().cudaGetDeviceProperties(device))
                 arch = target_arch(props.major, props.minor)
                 image = compile_sources(arch)
                 if not image.endswith(b"\0"):
                     image += b"\0"  # PTX is read as a C string (a cubin does not care)
                 image = np.frombuffer(image, dtype=np.uint8)
-                module = _drv_check(driver.cuModuleLoadData(image.ctypes.data))
-                functions = {name: _drv_check(driver.cuModuleGetFunction(module, name.encode())) for name in KERNELS}
+                module = check_driver(driver.cuModuleLoadData(image.ctypes.data))
+                functions = {name: check_driver(driver.cuModuleGetFunction(module, name.encode())) for name in KERNELS}
                 cls.by_device[device] = (arch, functions)
             return cls.by_device[device]
 
@@ -222,10 +197,10 @@ class DeviceKernels:
     def __init__(self, device: int = 0) -> None:
         reason = gpu_unavailable_reason()
         if reason is not None:
-            raise BackendError(f"device kernels need a CUDA GPU: {reason}. GPU support: {GPU_HINT}")
+            raise BackendError(f"device kernels need a CUDA GPU: {reason}. GPU support: {INSTALL_HINT}")
         self.device = device
         self._cudart = runtime_api()
-        self._driver = _driver()
+        self._driver = driver_api()
         self._activate()
         check(self._cudart.cudaFree(0))  # older runtimes create the primary context lazily
         self.arch, self._functions = _Modules.get(device)
@@ -417,7 +392,7 @@ class DeviceKernels:
         # cuLaunchKernel takes void*[]: one pointer per argument to a value of the kernel's own type.
         values = [np.array([value], dtype=dtype) for dtype, value in args]
         pointers = np.array([v.ctypes.data for v in values], dtype=np.uint64)
-        _drv_check(
+        check_driver(
             self._driver.cuLaunchKernel(
                 self._functions[name], gx, gy, 1, block, 1, 1, 0, self._driver.CUstream(stream),
                 pointers.ctypes.data, 0,

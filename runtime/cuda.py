@@ -6,6 +6,8 @@ needs the CUDA toolkit to build and is not used.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 from m3rt.errors import BackendError
@@ -13,25 +15,49 @@ from m3rt.errors import BackendError
 INSTALL_HINT = "pip install 'm3rt[gpu]' (cuda-python)"
 
 
-def runtime_api():
+def _cuda_module(name: str, legacy: str):
+    """`cuda.bindings.<name>`, or `cuda.<legacy>` in the cuda-python < 12.6 layout."""
     try:
-        from cuda.bindings import runtime as cudart
+        return importlib.import_module(f"cuda.bindings.{name}")
     except ImportError:
         try:
-            from cuda import cudart  # cuda-python < 12.6 layout
+            return importlib.import_module(f"cuda.{legacy}")
         except ImportError as exc:
             raise BackendError(f"cuda-python is not installed: {INSTALL_HINT}") from exc
-    return cudart
+
+
+def runtime_api():
+    return _cuda_module("runtime", "cudart")
+
+
+def driver_api():
+    return _cuda_module("driver", "cuda")
+
+
+def nvrtc_api():
+    return _cuda_module("nvrtc", "nvrtc")
+
+
+def unpack(result: tuple, describe: Callable[[Any], str]) -> Any:
+    """cuda-python returns (error, *values); raise `describe(error)` on error, return the value(s)."""
+    err, *values = result
+    if int(err) != 0:
+        raise BackendError(describe(err))
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def as_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def check(result: tuple) -> Any:
-    """cuda-python returns (error, *values); raise on error, return the value(s)."""
-    err, *values = result
-    if int(err) != 0:
-        cudart = runtime_api()
-        name = cudart.cudaGetErrorName(err)[1]
-        raise BackendError(f"CUDA error {int(err)} ({name.decode() if isinstance(name, bytes) else name})")
-    return values[0] if len(values) == 1 else tuple(values)
+    """A CUDA runtime call's value(s); BackendError on error."""
+    return unpack(result, lambda err: f"CUDA error {int(err)} ({as_text(runtime_api().cudaGetErrorName(err)[1])})")
+
+
+def check_driver(result: tuple) -> Any:
+    """A CUDA driver call's value(s); BackendError on error."""
+    return unpack(result, lambda err: f"CUDA driver error {int(err)} ({as_text(driver_api().cuGetErrorName(err)[1])})")
 
 
 def gpu_unavailable_reason() -> str | None:

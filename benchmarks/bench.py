@@ -123,9 +123,16 @@ def machine_description() -> dict[str, Any]:
         gpu = out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
+    try:  # which int8 arithmetic this CPU gives ONNX Runtime, hence which int8 graph is served
+        from m3rt.int8_kernel import int8_kernel
+
+        int8 = int8_kernel().as_record()
+    except ImportError:
+        int8 = None
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "int8_kernel": int8,
         "gpu": gpu,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -261,9 +268,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    int8 = report["machine"].get("int8_kernel")
     lines = [
         f"m3-bench {report['created']} on {report['machine']['cpu']} ({report['machine']['cores']} cores)"
-        + (f", GPU {report['machine']['gpu']}" if report["machine"]["gpu"] else ""),
+        + (f", GPU {report['machine']['gpu']}" if report["machine"]["gpu"] else "")
+        + (f"; int8 kernel {int8['kernel']}" if int8 else ""),
         "",
     ]
     results = report["results"]

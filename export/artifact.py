@@ -15,18 +15,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import onnx
 from tqdm.auto import tqdm
 
 import m3rt
-from m3rt.backends.onnxruntime import OnnxRuntimeBackend
 from m3rt.export.checkpoint import ensure_tokenizer_json, load_reference, resolve_checkpoint
 from m3rt.export.onnx_graph import DEFAULT_OPSET, export_graph
 from m3rt.export.samples import calibration_texts, sample_texts
 from m3rt.export.validate import Tolerance, check_tolerance, compare_with_reference
-from m3rt.fidelity import DEFAULT_GATES, Gate, compare_outputs
+from m3rt.fidelity import DEFAULT_GATES, Gate
+from m3rt.int8_kernel import Int8Kernel, int8_kernel
 from m3rt.manifest import FORMAT, FORMAT_VERSION, INPUT_NAMES, MANIFEST_NAME, OUTPUT_NAMES, Manifest, file_record
-from m3rt.model import M3Model
-from m3rt.tokenizer import M3Tokenizer
+from m3rt.validation import HeldoutComparison
 
 MAX_LENGTH = 8192  # positions 2..8193 of XLM-R's 8194-row table, <s> and </s> included
 
@@ -46,7 +46,7 @@ class ExportOptions:
     int8: bool = False
     calibration: Path | None = None
     int8_sensitive_layers: tuple[int, ...] | None = None  # None: variants.INT8_SENSITIVE_LAYERS
-    int8_forms: tuple[str, ...] = ("cpu", "qdq")
+    int8_forms: tuple[str, ...] = ("cpu", "cpu-u8", "qdq")
     gates: dict[str, Gate] = field(default_factory=lambda: dict(DEFAULT_GATES))
     allow_degraded: bool = False
     engine: bool | None = None  # None: build engines when TensorRT and a GPU are present
@@ -54,12 +54,18 @@ class ExportOptions:
     fused: bool = False  # model.fp16.fused.onnx for ONNX Runtime CUDA (export/fused.py)
 
 
+# cpu: model.int8.onnx (int8 weights, VNNI/AMX CPUs); cpu-u8: model.int8.u8.onnx (its uint8-weight
+# twin, every CPU; served where u8 x s8 kernels saturate); qdq: model.int8.qdq.onnx (TensorRT).
+INT8_FORMS = ("cpu", "cpu-u8", "qdq")
+# ONNX Runtime session config: run QuantizeLinear/DequantizeLinear as float ops, not fused int8 kernels.
+QDQ_SIMULATED = "session.disable_quant_qdq"
+
+
 class GateError(Exception):
     """A precision variant misses its accuracy gate (and --allow-degraded was not given)."""
 
 
 def _versions() -> dict[str, str]:
-    import onnx
     import onnxruntime
     import tokenizers
     import torch
@@ -126,36 +132,57 @@ class _Variants:
 
     def __init__(self, staging: Path, manifest: dict[str, Any], opts: ExportOptions) -> None:
         self.opts = opts
-        self.tokenizer = M3Tokenizer(staging / "tokenizer.json")
-        self._view = Manifest(root=staging, data=manifest)
-        self.heldout = sample_texts()
-        self.reference = self._encode(staging / "model.onnx")
+        self.comparison = HeldoutComparison(Manifest(root=staging, data=manifest), staging / "model.onnx")
+        self.tokenizer = self.comparison.tokenizer
 
-    def _encode(self, graph: Path) -> dict[str, Any]:
-        model = M3Model(self._view, OnnxRuntimeBackend(graph), self.tokenizer)
-        return model.encode(
-            self.heldout, batch_size=8, max_length=512, return_dense=True, return_sparse=True, return_colbert_vecs=True
-        )
+    def measure(
+        self,
+        name: str,
+        graph: Path,
+        session_config: dict[str, str] | None = None,
+        measured_on: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return self._gate(name, graph.name, self.comparison.figures(graph, session_config), measured_on)
 
-    def measure(self, name: str, graph: Path) -> dict[str, Any]:
-        figures = compare_outputs(self._encode(graph), self.reference)
+    def measure_int8_cpu(self, graph: Path, kernel: Int8Kernel, u8_twin: Path | None) -> dict[str, Any]:
+        """`model.int8.onnx` measured in the exact arithmetic it is served with: directly where this CPU
+        sums u8 x s8 in int32, else through its uint8-weight twin (the same integer products)."""
+        on = {**kernel.as_record(), "exact": True, "graph": graph.name}
+        if kernel.u8s8_exact:
+            return self.measure("int8", graph, measured_on=on)
+        on["graph"] = f"{graph.name} as uint8 weights (w + 128, zero point 128): the same products, unsaturated"
+        if u8_twin is not None:
+            return self.measure("int8", u8_twin, measured_on=on)
+        from m3rt.export.variants import write_u8_weight_twin
+
+        with tempfile.TemporaryDirectory(prefix="m3rt-twin-") as tmp:
+            twin = Path(tmp) / graph.name
+            write_u8_weight_twin(graph, twin)
+            return self.measure("int8", twin, measured_on=on)
+
+    def _gate(
+        self, name: str, file: str, figures: dict[str, Any], measured_on: dict[str, Any] | None
+    ) -> dict[str, Any]:
         gate = self.opts.gates.get(name.split("-")[0], Gate())
         failures = gate.failures(figures)
         if failures and not self.opts.allow_degraded:
             raise GateError(
-                f"{graph.name} misses its accuracy gate: {'; '.join(failures)} "
-                "(pass --allow-degraded to keep it anyway)"
+                f"{file} misses its accuracy gate: {'; '.join(failures)} (pass --allow-degraded to keep it anyway)"
             )
         return {
             "against": "fp32 graph, held-out built-in samples",
             **figures,
             "gate": vars(gate),
             "passed": not failures,
+            **({"measured_on": measured_on} if measured_on else {}),
         }
 
 
 def export_artifact(opts: ExportOptions) -> dict[str, Any]:
     """Write the artifact into `opts.output` atomically: into a staging dir, renamed at the end."""
+    unknown = set(opts.int8_forms) - set(INT8_FORMS)
+    if unknown:
+        raise ValueError(f"unknown int8 form(s) {', '.join(sorted(unknown))}; choose from {', '.join(INT8_FORMS)}")
     out = Path(opts.output)
     if out.exists() and any(out.iterdir()) and not opts.force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
@@ -267,19 +294,51 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                     variants.INT8_SENSITIVE_LAYERS if opts.int8_sensitive_layers is None else opts.int8_sensitive_layers
                 )
                 kept = ["attention MatMuls", "LayerNorm", "Softmax", "normalisations"]
-                if "cpu" in opts.int8_forms:
-                    files = variants.quantize_int8_cpu(staging / "model.onnx", staging / "model.int8.onnx", sensitive)
-                    graphs["int8"] = entry(
-                        files,
-                        "int8",
-                        backends=["onnxruntime-cpu"],
-                        form="per-channel symmetric int8 weights, dynamic int8 activations (MatMulInteger)",
-                        kept_higher_precision=[
-                            *kept,
-                            f"Q/K/V/FFN-in MatMuls of encoder layers {list(sensitive)} as two-term int8 (~16-bit)",
-                        ],
-                        fidelity=measured.measure("int8", staging / "model.int8.onnx"),
-                    )
+                kernel = int8_kernel()
+                kept_cpu = [
+                    *kept,
+                    f"Q/K/V/FFN-in MatMuls of encoder layers {list(sensitive)} as two-term int8 (~16-bit)",
+                ]
+                cpu_forms = {"cpu", "cpu-u8"} & set(opts.int8_forms)
+                if cpu_forms:
+                    s8 = staging / "model.int8.onnx"
+                    s8_files = variants.quantize_int8_cpu(staging / "model.onnx", s8, sensitive)
+                    u8 = staging / "model.int8.u8.onnx"
+                    u8_files = variants.write_u8_weight_twin(s8, u8) if "cpu-u8" in cpu_forms else None
+                    if "cpu" in cpu_forms:
+                        graphs["int8"] = entry(
+                            s8_files,
+                            "int8",
+                            backends=["onnxruntime-cpu"],
+                            form="per-channel symmetric int8 weights, dynamic uint8 activations (MatMulInteger)",
+                            weight_type="int8",
+                            exact_on="CPUs with VNNI or AMX (u8 x s8 products summed in int32)",
+                            kept_higher_precision=kept_cpu,
+                            fidelity=measured.measure_int8_cpu(s8, kernel, u8 if u8_files else None),
+                        )
+                    if u8_files:
+                        graphs["int8-u8"] = entry(
+                            u8_files,
+                            "int8",
+                            backends=["onnxruntime-cpu"],
+                            form="model.int8.onnx with uint8 weights (w + 128, zero point 128): the same products",
+                            weight_type="uint8",
+                            exact_on="every CPU (u8 x u8 products widened to 16 bits: no saturation)",
+                            kept_higher_precision=kept_cpu,
+                            fidelity=measured.measure(
+                                "int8-u8",
+                                u8,
+                                measured_on={
+                                    **kernel.as_record(),
+                                    "kernel": f"u8u8 int32, {kernel.isa}",
+                                    "exact": True,
+                                    "graph": u8.name,
+                                },
+                            ),
+                        )
+                    if "cpu" not in cpu_forms:
+                        for path in s8_files:
+                            path.unlink()
                 if "qdq" in opts.int8_forms:
                     calibration, calibration_source = _calibration(opts.calibration)
                     files = variants.quantize_int8_qdq(
@@ -301,7 +360,18 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                             "texts": len(calibration),
                             **variants.QDQ_CALIBRATION,
                         },
-                        fidelity=measured.measure("int8-qdq", staging / "model.int8.qdq.onnx"),
+                        # TensorRT sums int8 products in int32; ONNX Runtime's own int8 kernels would add
+                        # this CPU's saturation (or not), so the Q/DQ arithmetic is simulated in fp32.
+                        fidelity=measured.measure(
+                            "int8-qdq",
+                            staging / "model.int8.qdq.onnx",
+                            session_config={QDQ_SIMULATED: "1"},
+                            measured_on={
+                                "cpu": kernel.cpu,
+                                "exact": True,
+                                "arithmetic": "Q/DQ simulated in fp32 (ONNX Runtime session.disable_quant_qdq)",
+                            },
+                        ),
                     )
                 timings["int8_s"] = time.perf_counter() - t
                 steps.update()

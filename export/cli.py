@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument(
         "--int8-forms",
         type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
-        default=("cpu", "qdq"),
-        help="which int8 graphs to build: cpu (model.int8.onnx), qdq (model.int8.qdq.onnx); default both",
+        default=("cpu", "cpu-u8", "qdq"),
+        help="which int8 graphs to build: cpu (model.int8.onnx, int8 weights, for VNNI/AMX CPUs), cpu-u8 "
+        "(model.int8.u8.onnx, the same products with uint8 weights, for AVX2 and AVX-512 without VNNI; the "
+        "runtime picks per CPU), qdq (model.int8.qdq.onnx, TensorRT); default all three",
     )
     precision.add_argument("--allow-degraded", action="store_true", help="keep variants that miss their gates")
     precision.add_argument("--gate-fp16-dense", type=float, default=0.999, help="fp16: least dense cosine")
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fid['sparse_jaccard']:.3f}, max weight err {fid['sparse_weight_max_abs_err']:.4f}"
                 f"{'' if fid['passed'] else '  [BELOW GATE, kept: --allow-degraded]'}"
             )
+            if "measured_on" in fid:
+                on = fid["measured_on"]
+                print(f"  measured on {on['cpu']}: {on.get('kernel') or on.get('arithmetic')}; {on.get('graph', '')}")
     for engine in manifest.get("engines", {}).values():
         print(
             f"{engine['file']}: TensorRT {engine['tensorrt_version']} on {engine['gpu']}, "

@@ -5,10 +5,13 @@ Which file serves which backend:
 - `model.int8.qdq.onnx`: TensorRT. Explicit symmetric int8 QuantizeLinear/DequantizeLinear on the
   weight MatMuls, calibrated on real text; attention, LayerNorm and the heads' normalisation stay
   in higher precision.
-- `model.int8.onnx`: ONNX Runtime CPU. Per-channel int8 weights with dynamically quantised
-  activations (MatMulInteger), the form that runs on the VNNI/AMX int8 kernels; a static QDQ graph
-  runs there too but through slower S8S8 kernels. The sensitive first layers run as two-term int8
-  (`two_term_int8`): near-fp32 accuracy at int8 kernel speed.
+- `model.int8.onnx`: ONNX Runtime CPU with VNNI or AMX. Per-channel int8 weights with dynamically
+  quantised activations (MatMulInteger); a static QDQ graph runs there too but through slower S8S8
+  kernels. The sensitive first layers run as two-term int8 (`two_term_int8`): near-fp32 accuracy at
+  int8 kernel speed.
+- `model.int8.u8.onnx`: the same integer products with uint8 weights (`u8_weight_twin`), for CPUs
+  whose u8 x s8 kernels add pairs of products in saturating int16 (AVX2, AVX-512 without VNNI;
+  `m3rt.int8_kernel`).
 """
 
 from __future__ import annotations
@@ -162,9 +165,7 @@ def two_term_int8(model: onnx.ModelProto, node_names: Sequence[str]) -> int:
     return count
 
 
-def quantize_int8_cpu(
-    src: Path, dst: Path, sensitive_layers: Sequence[int] = INT8_SENSITIVE_LAYERS
-) -> list[Path]:
+def quantize_int8_cpu(src: Path, dst: Path, sensitive_layers: Sequence[int] = INT8_SENSITIVE_LAYERS) -> list[Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src), load_external_data=False)
@@ -183,6 +184,40 @@ def quantize_int8_cpu(
         quantized = onnx.load(str(raw), load_external_data=True)
     two_term_int8(quantized, sensitive)
     return save_model(quantized, dst)
+
+
+# Integer MatMuls of the CPU graphs: (index of the weight input, index of its zero point).
+_INTEGER_MATMULS = {"MatMulInteger": (1, 3), "MatMulIntegerToFloat": (1, 5), "DynamicQuantizeMatMul": (1, 3)}
+
+
+def u8_weight_twin(model: onnx.ModelProto) -> int:
+    """Rewrite int8 weights w (zero point 0) as uint8 w + 128 with zero point 128, in place.
+
+    The integer products are the same, but ONNX Runtime multiplies u8 x u8 by widening both to 16
+    bits (`vpmaddwd`), which no x86 CPU saturates, where its u8 x s8 kernels without VNNI add pairs of
+    products in int16 (`vpmaddubsw`) and clip them. Returns how many tensors changed.
+    """
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    changed: set[str] = set()
+    for node in model.graph.node:
+        for index in _INTEGER_MATMULS.get(node.op_type, ()):
+            tensor = initializers.get(node.input[index]) if index < len(node.input) else None
+            if tensor is None or tensor.name in changed or tensor.data_type != onnx.TensorProto.INT8:
+                continue
+            values = numpy_helper.to_array(tensor).astype(np.int16) + 128
+            tensor.CopyFrom(numpy_helper.from_array(values.astype(np.uint8), tensor.name))
+            changed.add(tensor.name)
+    return len(changed)
+
+
+def write_u8_weight_twin(src: Path, dst: Path) -> list[Path]:
+    """`model.int8.u8.onnx` from `model.int8.onnx`."""
+    model = onnx.load(str(src), load_external_data=True)
+    if not u8_weight_twin(model):
+        raise ValueError(f"{src} has no int8 weights of integer MatMuls to rewrite")
+    return save_model(model, dst)
 
 
 class _CalibrationReader:

@@ -60,8 +60,18 @@ def _inspect(args: argparse.Namespace) -> int:
                 f"{fid['colbert_cos_mean']:.5f}, sparse top-10 {fid['sparse_top10_overlap']:.3f}"
                 f"{'' if fid['passed'] else ' (BELOW GATE)'}"
             )
+        on = graph.get("fidelity", {}).get("measured_on")
+        if on:
+            quality.append(f"measured on {on['cpu']} ({on.get('kernel') or on.get('arithmetic')})")
         quality = "; ".join(quality)
         print(f"graph    {name}: {graph['file']} for {', '.join(graph.get('backends', []))}; {quality}")
+    if any(name in data["graphs"] for name in ("int8", "int8-u8")):
+        from m3rt.int8_kernel import int8_kernel
+        from m3rt.validation import int8_graph_for
+
+        kernel = int8_kernel()
+        served = data["graphs"][int8_graph_for(manifest, kernel)]["file"]
+        print(f"int8     this CPU ({kernel.cpu}): {kernel.describe()}; precision='int8' serves {served}")
     for name, engine in data.get("engines", {}).items():
         print(
             f"engine   {name}: {engine['file']} TensorRT {engine['tensorrt_version']} on {engine['gpu']} "

@@ -9,6 +9,9 @@ import pytest
 from m3rt import ArtifactError, M3Model
 from m3rt.export.artifact import ExportOptions, GateError, export_artifact
 from m3rt.fidelity import Gate, compare_outputs
+from m3rt.int8_kernel import int8_kernel
+
+from int8_gemm import gemm_errors, integer_weights
 
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
 
@@ -24,12 +27,14 @@ def variants(tiny, tmp_path_factory):
 def test_manifest_describes_each_variant(variants):
     data = json.loads((variants / "m3rt.json").read_text())
     graphs = data["graphs"]
-    assert set(graphs) == {"fp32", "fp16", "int8", "int8-qdq"}
+    assert set(graphs) == {"fp32", "fp16", "int8", "int8-u8", "int8-qdq"}
     assert graphs["fp16"]["kept_fp32"] == ["LayerNormalization", "Softmax", "ReduceL2"]
-    assert graphs["int8"]["backends"] == ["onnxruntime-cpu"] and graphs["int8-qdq"]["backends"] == ["tensorrt"]
+    assert graphs["int8"]["backends"] == graphs["int8-u8"]["backends"] == ["onnxruntime-cpu"]
+    assert graphs["int8-qdq"]["backends"] == ["tensorrt"]
+    assert (graphs["int8"]["weight_type"], graphs["int8-u8"]["weight_type"]) == ("int8", "uint8")
     assert graphs["int8-qdq"]["calibration"]["texts"] > 20
     assert graphs["int8-qdq"]["calibration"]["method"] == "Percentile"
-    for name in ("fp16", "int8", "int8-qdq"):
+    for name in ("fp16", "int8", "int8-u8", "int8-qdq"):
         fidelity = graphs[name]["fidelity"]
         assert fidelity["passed"] and fidelity["texts"] == 47
         assert set(fidelity) >= {
@@ -44,6 +49,50 @@ def test_manifest_describes_each_variant(variants):
         for file in graphs[name]["files"]:
             assert file in data["files"]
     assert "engines" not in data  # no TensorRT here: nothing is claimed
+
+
+def test_int8_gates_say_which_kernel_measured_them(variants):
+    graphs = json.loads((variants / "m3rt.json").read_text())["graphs"]
+    kernel = int8_kernel()
+    for name, kernel_name in (("int8", kernel.describe()), ("int8-u8", f"u8u8 int32, {kernel.isa}")):
+        on = graphs[name]["fidelity"]["measured_on"]
+        assert on["exact"] is True and on["kernel"] == kernel_name and on["isa"] == kernel.isa
+    # The int8-weight graph is measured directly only where this CPU sums u8 x s8 exactly; elsewhere
+    # through its uint8-weight twin, which no x86 kernel saturates.
+    assert graphs["int8"]["fidelity"]["measured_on"]["graph"].startswith("model.int8.onnx")
+    assert ("uint8 weights" in graphs["int8"]["fidelity"]["measured_on"]["graph"]) != kernel.u8s8_exact
+    assert graphs["int8-u8"]["fidelity"]["measured_on"]["graph"] == "model.int8.u8.onnx"
+    assert "simulated in fp32" in graphs["int8-qdq"]["fidelity"]["measured_on"]["arithmetic"]
+
+
+def test_u8_graph_holds_the_same_integer_products(variants):
+    s8 = integer_weights(onnx.load(str(variants / "model.int8.onnx")))
+    u8 = integer_weights(onnx.load(str(variants / "model.int8.u8.onnx")))
+    assert len(s8) == len(u8) >= 2 * 6
+    for (w, zero), (w_u8, zero_u8) in zip(s8, u8):
+        assert w.dtype == zero.dtype == np.int8 and not zero.any()
+        assert w_u8.dtype == zero_u8.dtype == np.uint8 and (zero_u8 == 128).all()
+        # (w + 128) - 128 == w: every product a * (w_u8 - zero_u8) equals a * w
+        assert np.array_equal(w_u8.astype(np.int32) - 128, w)
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w, _ in s8) == 127  # pairs reach 2 * 255 * 127
+
+
+def test_u8_graph_computes_what_the_int8_graph_computes_without_saturation(variants, texts):
+    from m3rt.backends.onnxruntime import OnnxRuntimeBackend
+    from m3rt.manifest import load_manifest
+    from m3rt.tokenizer import M3Tokenizer
+
+    manifest = load_manifest(variants)
+    tokenizer = M3Tokenizer(manifest.tokenizer_path)
+    s8, u8 = (
+        M3Model(manifest, OnnxRuntimeBackend(variants / file), tokenizer).encode(texts, **ALL)
+        for file in ("model.int8.onnx", "model.int8.u8.onnx")
+    )
+    difference = float(np.abs(s8["dense_vecs"] - u8["dense_vecs"]).max())
+    if int8_kernel().u8s8_exact:
+        assert difference < 1e-5  # the same integer sums; only float rounding of the scales differs
+    else:
+        assert difference > 1e-4  # this CPU's u8 x s8 kernel clips pair sums (9e-4 on an emulated Haswell)
 
 
 def test_same_io_names_and_output_types(variants):
@@ -82,14 +131,67 @@ def test_int8_graphs_quantize_weights_but_not_attention(variants):
         assert attention and all(producers.get(i) != "DequantizeLinear" for n in attention for i in n.input)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-u8"])
 def test_runtime_loads_each_precision_within_its_gate(variants, precision, texts):
     reference = M3Model.load(variants).encode(texts, **ALL)
-    got = M3Model.load(variants, precision=precision).encode(texts, **ALL)
+    model = M3Model.load(variants, precision=precision)
+    got = model.encode(texts, **ALL)
     figures = compare_outputs(got, reference)
     gate = Gate(dense_cos_min=0.999) if precision == "fp16" else Gate(0.99, 0.98, 0.9)
     assert not gate.failures(figures), figures
     assert got["dense_vecs"].dtype == np.float32 and len(got["colbert_vecs"]) == len(texts)
+    if precision == "int8":  # the int8-weight graph only where this CPU sums u8 x s8 in int32
+        served = "model.int8.onnx" if int8_kernel().u8s8_exact else "model.int8.u8.onnx"
+        assert model.backend.graph_path.name == served
+        assert any(served in note and int8_kernel().describe() in note for note in model.backend.notes)
+
+
+def _pretend_saturating_cpu(monkeypatch):
+    """What the runtime sees on an AVX2 CPU (the arithmetic underneath stays this CPU's)."""
+    import m3rt.int8_kernel as int8_kernel_module
+    from m3rt.int8_kernel import Int8Kernel
+
+    fake = Int8Kernel(cpu="pretend AVX2 CPU", isa="AVX2", u8s8_exact=False)
+    monkeypatch.setattr(int8_kernel_module, "int8_kernel", lambda: fake)
+    return fake
+
+
+def test_saturating_cpu_is_served_the_u8_graph(variants, monkeypatch, recwarn):
+    _pretend_saturating_cpu(monkeypatch)
+    model = M3Model.load(variants, precision="int8")
+    assert model.backend.graph_path.name == "model.int8.u8.onnx"
+    assert not [w for w in recwarn if "validating" in str(w.message)]  # its gate holds on every CPU
+
+
+def test_graph_without_a_gate_for_this_arithmetic_is_validated_at_load(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "a"
+    export_artifact(ExportOptions(model=str(tiny[0]), output=out, int8=True, int8_forms=("cpu",)))
+    _pretend_saturating_cpu(monkeypatch)
+    with pytest.warns(UserWarning, match="validating it on this CPU against the fp32 graph first"):
+        model = M3Model.load(out, precision="int8")
+    assert model.backend.graph_path.name == "model.int8.onnx"
+    assert any("validated on this CPU at load" in note for note in model.backend.notes)
+
+    manifest = json.loads((out / "m3rt.json").read_text())
+    manifest["graphs"]["int8"]["fidelity"]["gate"]["dense_cos_min"] = 1.01  # a gate nothing meets
+    (out / "m3rt.json").write_text(json.dumps(manifest))
+    refused = "misses its accuracy gate on this CPU.*model.int8.u8.onnx"
+    with pytest.warns(UserWarning), pytest.raises(ArtifactError, match=refused):
+        M3Model.load(out, precision="int8")
+
+
+def test_artifact_that_does_not_say_how_int8_was_measured_is_validated_at_load(variants, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(variants, old)
+    manifest = json.loads((old / "m3rt.json").read_text())
+    for name in ("int8", "int8-u8"):
+        del manifest["graphs"][name]["fidelity"]["measured_on"]
+    (old / "m3rt.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="does not say how its gate was measured"):
+        model = M3Model.load(old, precision="int8")
+    assert any("validated on this CPU at load" in note for note in model.backend.notes)
 
 
 def test_fp16_outputs_option(tiny, tmp_path):
@@ -145,8 +247,9 @@ def test_int8_gives_sensitive_layers_higher_precision(tiny, tmp_path):
     manifest = export_artifact(
         ExportOptions(model=str(tiny[0]), output=tmp_path / "a", int8=True, int8_sensitive_layers=(1,))
     )
-    assert "Q/K/V/FFN-in MatMuls of encoder layers [1] as two-term int8 (~16-bit)" in (
-        manifest["graphs"]["int8"]["kept_higher_precision"]
+    assert (
+        "Q/K/V/FFN-in MatMuls of encoder layers [1] as two-term int8 (~16-bit)"
+        in (manifest["graphs"]["int8"]["kept_higher_precision"])
     )
     assert "weight MatMuls of encoder layers [1] in fp32" in manifest["graphs"]["int8-qdq"]["kept_higher_precision"]
 
@@ -177,44 +280,15 @@ def test_int8_gives_sensitive_layers_higher_precision(tiny, tmp_path):
     assert not any("layer.1/" in name for name in quantized)
 
 
-def _single_matmul(weight: np.ndarray) -> onnx.ModelProto:
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, weight.shape[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, weight.shape[1]])],
-        [numpy_helper.from_array(weight, "w")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_two_term_int8_is_near_fp32_where_plain_int8_is_not(tmp_path):
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from m3rt.export.variants import two_term_int8
-
-    rng = np.random.default_rng(0)
-    weight = (rng.standard_normal((256, 128)) * 0.02).astype(np.float32)
-    x = rng.standard_normal((64, 256)).astype(np.float32)
-    x[::7] *= 8  # a few loud rows widen the per-tensor activation range, as real text does
-    exact = x.astype(np.float64) @ weight.astype(np.float64)
-
-    def error(model: onnx.ModelProto) -> float:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return float(np.linalg.norm(session.run(None, {"x": x})[0] - exact) / np.linalg.norm(exact))
-
-    onnx.save(_single_matmul(weight), tmp_path / "fp32.onnx")
-    quantize_dynamic(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", weight_type=QuantType.QInt8, per_channel=True)
-    two_term = _single_matmul(weight)
-    assert two_term_int8(two_term, ["mm"]) == 1
-    assert {n.op_type for n in two_term.graph.node} >= {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
-
-    plain_error, two_term_error = error(onnx.load(tmp_path / "int8.onnx")), error(two_term)
-    assert plain_error > 3e-3  # what plain dynamic int8 loses here
-    assert two_term_error < plain_error / 50 and two_term_error < 5e-4
+    errors = gemm_errors(tmp_path)
+    assert errors["plain"] > 3e-3  # what plain dynamic int8 loses here
+    # The exact arithmetic of two-term int8 (~16-bit inputs), whatever this CPU's u8 x s8 kernel does.
+    assert errors["two_term_u8"] < errors["plain"] / 50 and errors["two_term_u8"] < 5e-4
+    if int8_kernel().u8s8_exact:  # VNNI / AMX: the int8-weight graph computes exactly that
+        assert errors["two_term"] == pytest.approx(errors["two_term_u8"], rel=1e-3)
+    else:  # AVX2 / AVX-512 without VNNI: pair sums clip in int16 (1.2e-2 measured on an AVX2 EPYC)
+        assert errors["two_term"] > 10 * errors["two_term_u8"]
 
 
 def test_inspect_lists_variants(variants, capsys):
@@ -224,6 +298,10 @@ def test_inspect_lists_variants(variants, capsys):
     out = capsys.readouterr().out
     assert "graph    int8: model.int8.onnx for onnxruntime-cpu; vs fp32: dense cos min" in out
     assert "graph    fp16: model.fp16.onnx for tensorrt, onnxruntime-cuda" in out
+    kernel = int8_kernel()
+    assert f"measured on {kernel.cpu} ({kernel.describe()})" in out
+    served = "model.int8.onnx" if kernel.u8s8_exact else "model.int8.u8.onnx"
+    assert f"int8     this CPU ({kernel.cpu}): {kernel.describe()}; precision='int8' serves {served}" in out
 
 
 def test_engine_request_without_tensorrt_is_a_clear_error(tiny, tmp_path, capsys):
@@ -239,6 +317,12 @@ def test_engine_request_without_tensorrt_is_a_clear_error(tiny, tmp_path, capsys
 
 
 def test_int8_forms_can_be_chosen(tiny, tmp_path):
-    manifest = export_artifact(ExportOptions(model=str(tiny[0]), output=tmp_path / "a", int8=True, int8_forms=("cpu",)))
-    assert "int8" in manifest["graphs"] and "int8-qdq" not in manifest["graphs"]
-    assert not (tmp_path / "a" / "model.int8.qdq.onnx").exists()
+    manifest = export_artifact(
+        ExportOptions(model=str(tiny[0]), output=tmp_path / "a", int8=True, int8_forms=("cpu-u8",))
+    )
+    assert {"int8-u8"} == {name for name in manifest["graphs"] if name.startswith("int8")}
+    assert not (tmp_path / "a" / "model.int8.qdq.onnx").exists() and not (tmp_path / "a" / "model.int8.onnx").exists()
+    # precision="int8" serves the u8 graph when it is the only CPU int8 form, on any CPU
+    assert M3Model.load(tmp_path / "a", precision="int8").backend.graph_path.name == "model.int8.u8.onnx"
+    with pytest.raises(ValueError, match="unknown int8 form"):
+        export_artifact(ExportOptions(model=str(tiny[0]), output=tmp_path / "b", int8=True, int8_forms=("avx2",)))

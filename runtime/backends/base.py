@@ -36,6 +36,8 @@ def _tensorrt_usable() -> bool:
     return gpu_unavailable_reason() is None
 
 
+# The ONNX Runtime CPU int8 graphs: int8 weights (exact on VNNI/AMX) and their uint8 twin (exact everywhere).
+INT8_CPU_GRAPHS = ("int8", "int8-u8")
 CUDA_ONLY_KEY = "execution_provider"  # a graph entry with this key runs on that ONNX Runtime provider only
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -72,6 +74,8 @@ def select_graph(manifest: Manifest, precision: str, device: str) -> str:
     name = precision
     if device == "cuda" and precision == "fp16" and "fp16-fused" in graphs:
         name = "fp16-fused"
+    if device == "cpu" and precision == "int8" and name not in graphs and "int8-u8" in graphs:
+        name = "int8-u8"
     if name not in graphs:
         raise ArtifactError(f"{manifest.root} has no {precision!r} graph; it has: {', '.join(sorted(graphs))}")
     provider = graphs[name].get(CUDA_ONLY_KEY)
@@ -123,8 +127,22 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
         )
     from m3rt.backends.onnxruntime import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(
+    notes = []
+    if graph in INT8_CPU_GRAPHS:
+        from m3rt.int8_kernel import int8_kernel
+        from m3rt.validation import check_int8_on_this_cpu, int8_graph_for
+
+        kernel = int8_kernel()
+        if precision == "int8":
+            graph = int8_graph_for(manifest, kernel)
+        notes.append(f"int8: {manifest.graphs[graph]['file']} for this CPU's {kernel.describe()} kernels")
+        validated = check_int8_on_this_cpu(manifest, graph, kernel)
+        if validated:
+            notes.append(validated)
+    engine = OnnxRuntimeBackend(
         manifest.root / manifest.graphs[graph]["file"],
         providers=providers,
         intra_op_threads=options.get("intra_op_threads"),
     )
+    engine.notes.extend(notes)
+    return engine

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,11 +60,15 @@ _OOM_MARKERS = (
 )
 
 
-def _session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+def _session_options(
+    intra_op_threads: int | None = None, config: Mapping[str, str] | None = None
+) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:
         options.intra_op_num_threads = int(intra_op_threads)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return options
 
 
@@ -110,6 +114,8 @@ class OnnxRuntimeBackend:
 
     `thread_safe`: ONNX Runtime documents `InferenceSession.run` as safe to call from several threads,
     and this backend keeps no per-call state, so concurrent `encode` calls run concurrently.
+    `session_config`: ONNX Runtime session config entries (`SessionOptions.add_session_config_entry`).
+    `notes`: what the loader wants said about this backend (e.g. the int8 form chosen for this CPU).
     """
 
     name = "onnxruntime"
@@ -120,10 +126,13 @@ class OnnxRuntimeBackend:
         graph_path: Path,
         providers: Sequence[Any] | None = None,
         intra_op_threads: int | None = None,
+        session_config: Mapping[str, str] | None = None,
     ) -> None:
         providers = list(providers or ["CPUExecutionProvider"])
+        self.graph_path = Path(graph_path)
+        self.notes: list[str] = []
         try:
-            options = _session_options(intra_op_threads)
+            options = _session_options(intra_op_threads, session_config)
             self._session = ort.InferenceSession(str(graph_path), options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ArtifactError(f"ONNX Runtime cannot load {graph_path}: {exc}") from exc

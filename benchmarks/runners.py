@@ -51,7 +51,9 @@ def m3rt_runners(
 
     manifest = load_manifest(artifact, verify=False)
     notes = []
-    combos = [("onnxruntime", p, "cpu") for p in ("fp32", "int8") if p in manifest.graphs]
+    # precision="int8" serves model.int8.onnx or its uint8 twin, whichever this CPU computes exactly
+    cpu_graphs = set(manifest.graphs) | ({"int8"} if "int8-u8" in manifest.graphs else set())
+    combos = [("onnxruntime", p, "cpu") for p in ("fp32", "int8") if p in cpu_graphs]
     try:
         import onnxruntime as ort
 

@@ -141,8 +141,11 @@ class _Variants:
         graph: Path,
         session_config: dict[str, str] | None = None,
         measured_on: dict[str, Any] | None = None,
+        file: str | None = None,
     ) -> dict[str, Any]:
-        return self._gate(name, graph.name, self.comparison.figures(graph, session_config), measured_on)
+        """`file`: the artifact file the figures stand for, when `graph` is a stand-in for it."""
+        figures = self.comparison.figures(graph, session_config)
+        return self._gate(name, file or graph.name, figures, measured_on)
 
     def measure_int8_cpu(self, graph: Path, kernel: Int8Kernel, u8_twin: Path | None) -> dict[str, Any]:
         """`model.int8.onnx` measured in the exact arithmetic it is served with: directly where this CPU
@@ -152,13 +155,13 @@ class _Variants:
             return self.measure("int8", graph, measured_on=on)
         on["graph"] = f"{graph.name} as uint8 weights (w + 128, zero point 128): the same products, unsaturated"
         if u8_twin is not None:
-            return self.measure("int8", u8_twin, measured_on=on)
+            return self.measure("int8", u8_twin, measured_on=on, file=graph.name)
         from m3rt.export.variants import write_u8_weight_twin
 
         with tempfile.TemporaryDirectory(prefix="m3rt-twin-") as tmp:
             twin = Path(tmp) / graph.name
             write_u8_weight_twin(graph, twin)
-            return self.measure("int8", twin, measured_on=on)
+            return self.measure("int8", twin, measured_on=on, file=graph.name)
 
     def _gate(
         self, name: str, file: str, figures: dict[str, Any], measured_on: dict[str, Any] | None

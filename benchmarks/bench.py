@@ -383,9 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     table = markdown(report)
     (args.out / "results.md").write_text(table, encoding="utf-8")
-    plot(report, args.out / "results.png")
+    written = ["results.json", "results.md"]
+    try:
+        plot(report, args.out / "results.png")
+        written.append("results.png")
+    except ImportError:
+        print("m3-bench: no plot (matplotlib is not installed: pip install 'm3rt[bench]')", file=sys.stderr)
     print(table)
-    print(f"wrote {args.out}/results.json, results.md, results.png")
+    print(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
 
 

@@ -39,7 +39,6 @@ EXECUTION_PROVIDER = "CUDAExecutionProvider"
 # fused ops stay fp16: their CUDA kernels accumulate in fp32 (SkipLayerNormalization's mean and
 # variance, Attention's softmax), and casting around each of them would cost two kernels per layer.
 KEEP_FP32 = ("LayerNormalization", "Softmax", "ReduceL2")
-FUSED_OPS = ("Attention", "SkipLayerNormalization", "BiasGelu")
 
 
 @dataclass

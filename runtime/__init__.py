@@ -1,6 +1,6 @@
 """m3rt: a fast, exact inference runtime for BGE-M3 (dense, sparse and ColBERT outputs)."""
 
-from m3rt.errors import ArtifactError, BackendError, InputError, InputTooLongError, M3Error
+from m3rt.errors import ArtifactError, BackendError, BackendOutOfMemory, InputError, InputTooLongError, M3Error
 from m3rt.kernels import SparseRows
 from m3rt.model import BGEM3FlagModel, M3Model
 
@@ -10,6 +10,7 @@ __all__ = [
     "ArtifactError",
     "BGEM3FlagModel",
     "BackendError",
+    "BackendOutOfMemory",
     "InputError",
     "InputTooLongError",
     "M3Error",

@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from m3rt.errors import BackendError
+from m3rt.errors import BackendError, BackendOutOfMemory
 
 INSTALL_HINT = "pip install 'm3rt[gpu]' (cuda-python)"
 
@@ -38,9 +38,17 @@ def nvrtc_api():
     return _cuda_module("nvrtc", "nvrtc")
 
 
+# Error code 2 is an allocation failure in all three APIs: cudaErrorMemoryAllocation (runtime),
+# CUDA_ERROR_OUT_OF_MEMORY (driver), NVRTC_ERROR_OUT_OF_MEMORY.
+_OUT_OF_MEMORY = 2
+
+
 def unpack(result: tuple, describe: Callable[[Any], str]) -> Any:
-    """cuda-python returns (error, *values); raise `describe(error)` on error, return the value(s)."""
+    """cuda-python returns (error, *values); raise `describe(error)` on error, return the value(s).
+    An allocation failure raises BackendOutOfMemory (a batch that needs it is split and retried)."""
     err, *values = result
+    if int(err) == _OUT_OF_MEMORY:
+        raise BackendOutOfMemory(describe(err))
     if int(err) != 0:
         raise BackendError(describe(err))
     return values[0] if len(values) == 1 else tuple(values)

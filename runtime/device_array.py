@@ -81,10 +81,6 @@ class DeviceContext:
     colbert_fp16: bool = False
 
 
-def is_device_array(value: Any) -> bool:
-    return isinstance(value, DeviceArray)
-
-
 def _host_view(ptr: int, shape: Sequence[int], dtype: Any) -> np.ndarray:
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))

@@ -21,3 +21,8 @@ class InputTooLongError(InputError):
 
 class BackendError(M3Error):
     """The inference backend failed on well-formed input (out of memory, provider failure)."""
+
+
+class BackendOutOfMemory(BackendError):
+    """A batch did not fit in the backend's memory. Backends raise it from their engine's own error
+    (a CUDA error code, ONNX Runtime's allocator message); `M3Model` splits the batch and retries."""

@@ -62,11 +62,6 @@ class Manifest:
     def engines(self) -> dict[str, dict[str, Any]]:
         return self.data.get("engines", {})
 
-    def graph_path(self, precision: str) -> Path:
-        if precision not in self.graphs:
-            raise ArtifactError(f"{self.root} has no {precision!r} graph; it has: {', '.join(sorted(self.graphs))}")
-        return self.root / self.graphs[precision]["file"]
-
     @property
     def tokenizer_path(self) -> Path:
         return self.root / self.data["tokenizer"]["file"]

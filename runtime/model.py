@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 
 from m3rt.backends import Backend, create_backend
-from m3rt.errors import BackendError, InputError
+from m3rt.errors import BackendOutOfMemory, InputError
 from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
@@ -41,11 +41,6 @@ def _as_texts(sentences: Any, what: str = "sentences") -> tuple[list[str], bool]
             hint = " (decode bytes to str first)" if isinstance(text, (bytes, bytearray)) else ""
             raise InputError(f"{what}[{index}] is {type(text).__name__}, not str{hint}")
     return texts, False
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(word in text for word in ("out of memory", "bad_alloc", "bad allocation", "failed to allocate"))
 
 
 def _check_positive_int(name: str, value: Any, upper: int | None = None) -> int:
@@ -133,6 +128,20 @@ class M3Model:
             backend_options=backend_options,
         )
         return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), **options)
+
+    def close(self) -> None:
+        """Release what the backend holds beyond memory (CUDA streams, device buffers, worker threads;
+        nothing on ONNX Runtime CPU). Do not encode afterwards. `with M3Model.load(...) as model:`
+        calls it on exit."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> M3Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ encoding
 
@@ -235,8 +244,8 @@ class M3Model:
         """Run a batch; when it does not fit in memory, split it in halves and retry (nothing is lost)."""
         try:
             return [(batch, self._run_backend(batch, outputs))]
-        except BackendError as exc:
-            if len(batch.indices) == 1 or not _is_out_of_memory(exc):
+        except BackendOutOfMemory:
+            if len(batch.indices) == 1:
                 raise
         return [result for part in split_batch(batch) for result in self._infer(part, outputs)]
 

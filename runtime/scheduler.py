@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,10 +84,3 @@ def split_batch(batch: Batch) -> tuple[Batch, Batch]:
 
 def token_lengths(ids: list[np.ndarray]) -> np.ndarray:
     return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-
-
-def iter_batches(
-    ids: list[np.ndarray], batch_size: int, token_budget: int, pad_id: int, first_index: int = 0
-) -> Iterator[Batch]:
-    for indices in plan_batches(token_lengths(ids), batch_size, token_budget):
-        yield pad_batch(ids, indices, pad_id, first_index)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from m3rt.errors import InputTooLongError
+from m3rt.errors import InputError, InputTooLongError
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,18 @@ class Encoded:
     """Token ids of each text, un-padded, in input order."""
 
     ids: list[np.ndarray]
+
+
+def _raise_for_unencodable(texts: Sequence[str], first_index: int) -> None:
+    """InputError naming the first text that is not valid Unicode (e.g. a lone surrogate)."""
+    for index, text in enumerate(texts, start=first_index):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(
+                f"text {index} is not valid Unicode: {exc.reason} at character {exc.start} "
+                f"({text[exc.start]!r}); repair it first, e.g. text.encode('utf-8', 'replace').decode('utf-8')"
+            ) from None
 
 
 class M3Tokenizer:
@@ -45,9 +57,14 @@ class M3Tokenizer:
         With `truncate=False` a text that does not fit raises InputTooLongError naming it by its
         index in the caller's input: `first_index` is that index of `texts[0]` (texts come in chunks).
         """
+        texts = list(texts)
         with self._lock:
             self._set_max_length(max_length)
-            encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
+            try:
+                encodings = self._tok.encode_batch(texts, add_special_tokens=True)
+            except TypeError:  # tokenizers' answer to a str that is not valid Unicode
+                _raise_for_unencodable(texts, first_index)
+                raise
         if not truncate:
             for index, enc in enumerate(encodings, start=first_index):
                 if enc.overflowing:

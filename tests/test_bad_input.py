@@ -92,7 +92,7 @@ def test_invalid_constructor_options(tiny):
 
 
 class _MemoryLimitedBackend:
-    """Wraps the real backend; refuses batches over `max_rows` rows the way ONNX Runtime reports OOM."""
+    """Wraps the real backend; refuses batches over `max_rows` rows as out of memory."""
 
     name = "memory-limited"
 
@@ -100,11 +100,11 @@ class _MemoryLimitedBackend:
         self.inner, self.max_rows, self.refused = inner, max_rows, 0
 
     def run(self, input_ids, attention_mask, outputs):
-        from m3rt import BackendError
+        from m3rt import BackendOutOfMemory
 
         if len(input_ids) > self.max_rows:
             self.refused += 1
-            raise BackendError("ONNX Runtime failed: Failed to allocate memory for requested buffer")
+            raise BackendOutOfMemory("ONNX Runtime out of memory: Failed to allocate memory for requested buffer")
         return self.inner.run(input_ids, attention_mask, outputs)
 
 
@@ -126,8 +126,37 @@ def test_other_backend_errors_are_not_retried(tiny_model):
 
         def run(self, *args):
             Broken.calls += 1
-            raise BackendError("provider exploded")
+            raise BackendError("provider exploded: out of memory?")  # only the type decides a retry
 
     with pytest.raises(BackendError, match="provider exploded"):
         M3Model(tiny_model.manifest, Broken(), tiny_model.tokenizer).encode(["a", "b", "c"])
     assert Broken.calls == 1
+
+
+def test_text_that_is_not_valid_unicode_is_an_input_error(tiny_model):
+    with pytest.raises(InputError, match=r"text 1 is not valid Unicode: surrogates not allowed at character 1"):
+        tiny_model.encode(["fine", "a\ud800b", "also fine"])
+
+
+class _Closable:
+    """A backend that records being closed (what CUDA and TensorRT backends release there)."""
+
+    name = "closable"
+
+    def __init__(self, inner):
+        self.inner, self.closed = inner, 0
+
+    def run(self, input_ids, attention_mask, outputs):
+        return self.inner.run(input_ids, attention_mask, outputs)
+
+    def close(self):
+        self.closed += 1
+
+
+def test_close_and_context_manager_release_the_backend(tiny_model):
+    backend = _Closable(tiny_model.backend)
+    with M3Model(tiny_model.manifest, backend, tiny_model.tokenizer) as model:
+        assert model.encode("hello")["dense_vecs"].shape == (tiny_model.manifest.hidden_size,)
+        assert backend.closed == 0
+    assert backend.closed == 1
+    M3Model(tiny_model.manifest, tiny_model.backend, tiny_model.tokenizer).close()  # no close(): nothing to do

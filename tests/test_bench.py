@@ -95,3 +95,13 @@ def test_without_flag_embedding_the_reference_is_pytorch_in_m3rt_pipeline(tiny, 
     reference = data["results"][0]
     assert reference["runner"] == "PyTorch (m3rt pipeline) cpu fp32" and reference["reference"]
     assert reference["fidelity_vs_fp32"]["dense_cos_min"] > 0.9999
+
+
+def test_without_matplotlib_the_report_is_written_without_the_plot(tiny, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` sees when it is absent
+    assert main([str(tiny[1]), "--no-reference", "--out", str(tmp_path), *QUICK]) == 0
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").is_file()
+    assert not (tmp_path / "results.png").exists()
+    assert "matplotlib is not installed: pip install 'm3rt[bench]'" in capsys.readouterr().err

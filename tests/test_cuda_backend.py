@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from m3rt import ArtifactError, BackendError, M3Model
+from m3rt import ArtifactError, BackendError, BackendOutOfMemory, M3Model
 from m3rt.backends.base import parse_device, select_graph
 from m3rt.backends.onnxruntime import (
     OnnxRuntimeBackend,
@@ -28,9 +28,10 @@ from m3rt.device_array import DeviceArray, DeviceContext, HostPointerKernels
 from m3rt.export.artifact import ExportOptions, export_artifact
 from m3rt.export.validate import Tolerance
 from m3rt.fidelity import DEFAULT_GATES, compare_outputs
-from m3rt.model import _is_out_of_memory
 from m3rt.postprocess import OutputCollector
 from m3rt.scheduler import pad_batch
+
+import reference_rules
 
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
 
@@ -154,19 +155,31 @@ def test_no_visible_gpu_is_named(monkeypatch):
 @pytest.mark.parametrize(
     "message",
     [
-        # ONNX Runtime's BFC arena and CUDA allocator, cuBLAS workspace, and our cuda-python helpers.
+        # ONNX Runtime's BFC arena and CUDA allocator, cuBLAS workspace, the CPU allocator.
         "Failed to allocate memory for requested buffer of size 4294967296",
         "CUDA failure 2: out of memory ; GPU=0 ; hostname=h ; file=cuda_allocator.cc",
         "CUBLAS failure 3: CUBLAS_STATUS_ALLOC_FAILED",
-        "CUDA error 2 (cudaErrorMemoryAllocation)",
+        "std::bad_alloc",
     ],
 )
-def test_out_of_memory_errors_are_recognised_so_the_batch_is_split(message):
+def test_onnxruntime_out_of_memory_errors_are_typed_so_the_batch_is_split(message):
     error = backend_error(RuntimeError(message), (8, 512))
-    assert isinstance(error, BackendError) and "out of memory" in str(error)
-    assert _is_out_of_memory(error)
+    assert isinstance(error, BackendOutOfMemory) and "out of memory" in str(error)
     other = backend_error(RuntimeError("Non-zero status code returned while running Gather node"), (8, 512))
-    assert not _is_out_of_memory(other)
+    assert isinstance(other, BackendError) and not isinstance(other, BackendOutOfMemory)
+
+
+def test_cuda_allocation_failures_are_typed_whatever_their_text():
+    """What TensorRT's backend and the device kernels see: cuda-python's (error code, values) tuples."""
+    from m3rt.cuda import unpack
+
+    for api_error_name in ("cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "NVRTC_ERROR_OUT_OF_MEMORY"):
+        with pytest.raises(BackendOutOfMemory, match=api_error_name):
+            unpack((2, None), lambda err, name=api_error_name: f"CUDA error {int(err)} ({name})")
+    with pytest.raises(BackendError) as raised:
+        unpack((700, None), lambda err: f"CUDA error {int(err)} (cudaErrorIllegalAddress)")
+    assert not isinstance(raised.value, BackendOutOfMemory)
+    assert unpack((0, 42), str) == 42
 
 
 class _OutOfMemoryAbove:
@@ -310,8 +323,20 @@ def test_device_arrays_go_to_the_kernels_numpy_arrays_to_the_cpu_path(colbert_fp
     sparse = rng.standard_normal(shape).astype(np.float32)
     colbert = rng.standard_normal((shape[0], shape[1] - 1, 6)).astype(np.float32)
     dense = rng.standard_normal((shape[0], 6)).astype(np.float32)
+
+    class CountingKernels(HostPointerKernels):
+        calls = 0
+
+        def aggregate_sparse(self, *args, **kwargs):
+            CountingKernels.calls += 1
+            return super().aggregate_sparse(*args, **kwargs)
+
+        def compact_colbert(self, *args, **kwargs):
+            CountingKernels.calls += 1
+            return super().compact_colbert(*args, **kwargs)
+
     context = DeviceContext(
-        HostPointerKernels(),
+        CountingKernels(),
         _host_device_array(batch.input_ids),
         _host_device_array(batch.attention_mask),
         colbert_fp16=colbert_fp16,
@@ -326,15 +351,20 @@ def test_device_arrays_go_to_the_kernels_numpy_arrays_to_the_cpu_path(colbert_fp
             "colbert_vecs": _host_device_array(colbert, context),
         },
     )
+    assert CountingKernels.calls == 2  # sparse and ColBERT reduced by the kernels
     on_host = OutputCollector(len(ids), 6, outputs, (0, 1, 2, 3))
     on_host.add(batch, {"dense_vecs": dense, "sparse_weights": sparse, "colbert_vecs": colbert})
+    assert CountingKernels.calls == 2  # host arrays never reach the device kernels
     (d1, s1, c1), (d2, s2, c2) = on_device.finish(), on_host.finish()
-    assert np.array_equal(d1, d2)
-    assert np.array_equal(s1.indptr, s2.indptr) and np.array_equal(s1.indices, s2.indices)
-    assert np.array_equal(s1.values, s2.values)
-    for a, b in zip(c1, c2):
-        assert a.dtype == (np.float16 if colbert_fp16 else np.float32)
-        assert np.array_equal(a, b.astype(a.dtype))
+    assert np.array_equal(d1, dense) and np.array_equal(d2, dense)
+    # Both paths against FlagEmbedding's rules written out independently (tests/reference_rules.py).
+    for row, n in enumerate(lengths):
+        want = reference_rules.lexical_weights(sparse[row, :n], batch.input_ids[row, :n], {0, 1, 2, 3})
+        for got in (s1.to_dicts()[row], s2.to_dicts()[row]):
+            assert list(got) == list(want) and all(np.float32(got[k]) == np.float32(w) for k, w in want.items())
+        rows = reference_rules.colbert_rows(colbert[row], batch.attention_mask[row])
+        assert c1[row].dtype == (np.float16 if colbert_fp16 else np.float32) and c2[row].dtype == np.float32
+        assert np.array_equal(c1[row], rows.astype(c1[row].dtype)) and np.array_equal(c2[row], rows)
 
 
 def test_device_arrays_need_their_context_and_float32():

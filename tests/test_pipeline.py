@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import m3rt.pipeline
-from m3rt import BackendError, InputError, InputTooLongError, M3Model
-from m3rt.kernels import aggregate_sparse, split_colbert
+from m3rt import BackendError, BackendOutOfMemory, InputError, InputTooLongError, M3Model
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
 from m3rt.postprocess import OutputCollector, colbert_rows, sparse_rows
 from m3rt.scheduler import pad_batch, plan_batches, split_batch, token_lengths
 
+import reference_rules
 from parity import assert_outputs
 
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
@@ -63,15 +63,19 @@ def _batches(model: M3Model, texts: list[str], batch_size: int = 4):
 # ---------------------------------------------------------------------- post-processing
 
 
-def test_seam_functions_are_the_cpu_kernels(tiny_model, texts):
+def test_seam_functions_follow_flag_embeddings_rules(tiny_model, texts):
     batch = _batches(tiny_model, texts)[0]
     values = tiny_model.backend.run(batch.input_ids, batch.attention_mask, OUTPUTS)
-    want = aggregate_sparse(values["sparse_weights"], batch.input_ids, batch.attention_mask, tiny_model.unused_ids)
-    got = sparse_rows(values["sparse_weights"], batch, tiny_model.unused_ids)
-    assert got.to_dicts() == want.to_dicts()
-    want_colbert = split_colbert(values["colbert_vecs"], batch.attention_mask)
-    for g, w in zip(colbert_rows(values["colbert_vecs"], batch), want_colbert):
-        np.testing.assert_array_equal(g, w)
+    got = sparse_rows(values["sparse_weights"], batch, tiny_model.unused_ids).to_dicts()
+    for row, (weights, ids, mask) in enumerate(zip(values["sparse_weights"], batch.input_ids, batch.attention_mask)):
+        n = int(mask.sum())
+        want = reference_rules.lexical_weights(weights[:n], ids[:n], set(tiny_model.unused_ids))
+        assert list(got[row]) == list(want)  # first-occurrence order
+        assert all(np.float32(got[row][k]) == np.float32(w) for k, w in want.items())
+    for row, vectors in enumerate(colbert_rows(values["colbert_vecs"], batch)):
+        np.testing.assert_array_equal(
+            vectors, reference_rules.colbert_rows(values["colbert_vecs"][row], batch.attention_mask[row])
+        )
 
 
 def test_collector_restores_input_order_whatever_the_arrival_order(tiny_model, texts):
@@ -231,7 +235,7 @@ def test_backend_errors_keep_their_type_through_the_threads(tiny_model, texts, t
 
 
 class _MemoryLimitedBackend:
-    """Refuses batches over `max_tokens` padded tokens the way ONNX Runtime reports OOM."""
+    """Refuses batches over `max_tokens` padded tokens as out of memory."""
 
     name = "memory-limited"
 
@@ -241,7 +245,7 @@ class _MemoryLimitedBackend:
     def run(self, input_ids, attention_mask, outputs):
         if input_ids.size > self.max_tokens:
             self.refused += 1
-            raise BackendError("ONNX Runtime failed: Failed to allocate memory for requested buffer")
+            raise BackendOutOfMemory("ONNX Runtime out of memory: Failed to allocate memory for requested buffer")
         return self.inner.run(input_ids, attention_mask, outputs)
 
 
@@ -259,14 +263,13 @@ def test_out_of_memory_batches_are_split_in_the_threaded_pipeline(tiny_model, te
 # ---------------------------------------------------------------------- concurrent encode
 
 
-class _ThreadSafe:
-    """The real ORT backend, declared thread-safe (ONNX Runtime's session.run is)."""
+class _DeclaredThreadSafety:
+    """The real ORT backend, declared thread-safe or not: M3Model serialises the latter's calls."""
 
     name = "onnxruntime"
-    thread_safe = True
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, thread_safe):
+        self.inner, self.thread_safe = inner, thread_safe
 
     def run(self, *args):
         return self.inner.run(*args)
@@ -275,7 +278,7 @@ class _ThreadSafe:
 @pytest.mark.parametrize("declared_thread_safe", [False, True])
 def test_concurrent_encode_calls_get_exactly_their_own_results(tiny_model, texts, monkeypatch, declared_thread_safe):
     monkeypatch.setattr(m3rt.pipeline, "CHUNK_TEXTS", 9)  # several chunks and threads per call
-    backend = _ThreadSafe(tiny_model.backend) if declared_thread_safe else tiny_model.backend
+    backend = _DeclaredThreadSafety(tiny_model.backend, declared_thread_safe)
     model = M3Model(tiny_model.manifest, backend, tiny_model.tokenizer)
     rng = random.Random(1)
     jobs = []

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from m3rt.device_array import DeviceArray, DeviceContext, HostPointerKernels
-from m3rt.errors import ArtifactError, BackendError, M3Error
+from m3rt.errors import ArtifactError, BackendError, BackendOutOfMemory, M3Error
 from m3rt.manifest import INPUT_NAMES, OUTPUT_NAMES
 
 try:
@@ -49,11 +49,13 @@ CPU_BUILD_HINT = (
 # graph. Three buckets cover FlagEmbedding-style queries (most are under 32 tokens) at three captured
 # graphs' worth of memory (the activations of a [1, 64] forward: well under 100 MB).
 DEFAULT_GRAPH_BUCKETS = (16, 32, 64)
-# Text of CUDA / ONNX Runtime allocation failures (cudaErrorMemoryAllocation, BFC arena, cuBLAS).
+# Text of ONNX Runtime allocation failures (its CPU and CUDA allocators, BFC arena, cuBLAS, cuDNN,
+# std::bad_alloc): ONNX Runtime raises them all as one exception type, so the text is what tells.
 _OOM_MARKERS = (
     "out of memory",
     "failed to allocate",
     "bad_alloc",
+    "bad allocation",
     "cudaerrormemoryallocation",
     "cublas_status_alloc_failed",
     "cudnn_status_alloc_failed",
@@ -92,20 +94,16 @@ def _option_text(value: Any) -> str:
     return ("1" if value else "0") if isinstance(value, bool) else str(value)
 
 
-def wants_cuda(providers: Sequence[Any] | None) -> bool:
-    return any(_provider_name(p) == CUDA_PROVIDER for p in providers or ())
-
-
 def is_out_of_memory_text(text: str) -> bool:
     text = text.lower()
     return any(marker in text for marker in _OOM_MARKERS)
 
 
 def backend_error(exc: BaseException, shape: tuple[int, ...], where: str = "ONNX Runtime CUDA") -> BackendError:
-    """A BackendError whose text says "out of memory" when the failure was an allocation, so that
-    `M3Model` splits the batch and retries it (its `_is_out_of_memory` reads the text)."""
+    """ONNX Runtime's failure on a batch as a BackendError; BackendOutOfMemory when it was an
+    allocation, so that `M3Model` splits the batch and retries it."""
     if is_out_of_memory_text(str(exc)):
-        return BackendError(f"CUDA out of memory on a batch of shape {shape} (the batch is split and retried): {exc}")
+        return BackendOutOfMemory(f"{where} out of memory on a batch of shape {shape}: {exc}")
     return BackendError(f"{where} failed on a batch of shape {shape}: {exc}")
 
 
@@ -152,7 +150,7 @@ class OnnxRuntimeBackend:
         try:
             values = self._session.run(list(outputs), feeds)
         except Exception as exc:
-            raise BackendError(f"ONNX Runtime failed on a batch of shape {tuple(input_ids.shape)}: {exc}") from exc
+            raise backend_error(exc, tuple(input_ids.shape), where="ONNX Runtime") from exc
         return {name: np.asarray(v, dtype=np.float32) for name, v in zip(outputs, values)}
 
 
@@ -307,9 +305,9 @@ class OnnxRuntimeCudaBackend:
                 try:
                     self._session = self._create_session({**base, "enable_cuda_graph": "1"})
                     self.cuda_graph = True
+                except BackendOutOfMemory:
+                    raise
                 except BackendError as exc:
-                    if is_out_of_memory_text(str(exc)):
-                        raise
                     # ONNX Runtime refuses graph capture at session creation when a compute node is not on
                     # the CUDA EP (besides shape computation); the plain session still runs everything.
                     self.notes.append(f"CUDA graphs off: {exc}")
@@ -349,7 +347,7 @@ class OnnxRuntimeCudaBackend:
             try:
                 self.warmup()
             except Exception as exc:
-                if device_type != "cuda" or is_out_of_memory_text(str(exc)):
+                if device_type != "cuda" or isinstance(exc, BackendOutOfMemory) or is_out_of_memory_text(str(exc)):
                     raise
                 self.notes.append(f"CUDA graphs off: capture failed: {exc}")
                 self._buckets.clear()
@@ -376,7 +374,7 @@ class OnnxRuntimeCudaBackend:
         except Exception as exc:
             text = str(exc)
             if is_out_of_memory_text(text):
-                raise BackendError(f"CUDA out of memory while loading {self.graph_path.name}: {text}") from exc
+                raise BackendOutOfMemory(f"CUDA out of memory while loading {self.graph_path.name}: {text}") from exc
             if "graph capture" in text.lower():
                 raise BackendError(text) from exc
             raise ArtifactError(f"ONNX Runtime cannot load {self.graph_path}: {text}") from exc
@@ -402,9 +400,7 @@ class OnnxRuntimeCudaBackend:
         with self._lock:
             try:
                 return self._on_worker(self._run, input_ids, attention_mask, outputs)
-            except M3Error as exc:
-                if isinstance(exc, BackendError) and is_out_of_memory_text(str(exc)):
-                    raise backend_error(exc, shape) from exc
+            except M3Error:
                 raise
             except Exception as exc:
                 raise backend_error(exc, shape) from exc

@@ -87,6 +87,15 @@ class TensorRTBackend:
         self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._buffers = {name: _Buffer(cudart) for name in names}
 
+    def close(self) -> None:
+        """Frees the device and pinned buffers and the stream; the backend cannot run afterwards."""
+        for buffer in self._buffers.values():
+            buffer.free()
+        if self._stream is not None:
+            self._cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+        self._context = None
+
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         k = select_profile(self._profiles, input_ids.shape[1])
         step = self._profiles[k].max_batch

@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, help="source checkpoint for the PyTorch reference")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--output", "--out", "-o", dest="out", type=Path, default=Path("bench-results"))
     return parser
 
 

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="local checkpoint dir, hub id (e.g. BAAI/bge-m3, from the HF cache when offline), "
         "or synthetic:tiny / synthetic:full (random weights, real layout)",
     )
-    parser.add_argument("--output", required=True, type=Path, help="artifact directory to write")
+    parser.add_argument("--output", "-o", required=True, type=Path, help="artifact directory to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--max-length", type=int, default=8192, help="longest input in tokens, <s> and </s> included")
     parser.add_argument("--tokenizer", help="tokenizer.json for synthetic checkpoints (XLM-R vocabulary)")

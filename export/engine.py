@@ -105,7 +105,7 @@ def _check_against_onnxruntime(
     from m3rt.backends.onnxruntime import OnnxRuntimeBackend
     from m3rt.backends.tensorrt import TensorRTBackend
     from m3rt.export.samples import sample_texts
-    from m3rt.fidelity import compare_outputs
+    from m3rt.fidelity import ENGINE_GATE, compare_outputs
     from m3rt.manifest import Manifest
     from m3rt.model import M3Model
     from m3rt.tokenizer import M3Tokenizer
@@ -117,10 +117,10 @@ def _check_against_onnxruntime(
     engine_out = M3Model(view, TensorRTBackend(staging / info["file"], info), tokenizer).encode(texts, **kw)
     ort_out = M3Model(view, OnnxRuntimeBackend(graph), tokenizer).encode(texts, **kw)
     figures = compare_outputs(engine_out, ort_out)
-    if (
-        figures["dense_cos_min"] < 0.999
-        or figures["colbert_cos_mean"] < 0.999
-        or not np.isfinite(figures["dense_cos_min"])
-    ):
-        raise RuntimeError(f"the TensorRT engine {info['file']} disagrees with ONNX Runtime on {graph.name}: {figures}")
+    failures = ENGINE_GATE.failures(figures)
+    if failures or not np.isfinite(figures["dense_cos_min"]):
+        raise RuntimeError(
+            f"the TensorRT engine {info['file']} disagrees with ONNX Runtime on {graph.name}: "
+            f"{'; '.join(failures) or 'non-finite outputs'} ({figures})"
+        )
     return figures

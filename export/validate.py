@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from m3rt.backends.onnxruntime import OnnxRuntimeBackend
 from m3rt.export.reference import M3Reference
+from m3rt.fidelity import cosines
 from m3rt.manifest import OUTPUT_NAMES
 from m3rt.scheduler import pad_batch
 from m3rt.tokenizer import M3Tokenizer
@@ -26,13 +27,6 @@ class Tolerance:
     max_abs_diff: float = 1e-3
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine; two zero rows count as identical."""
-    dot = (a * b).sum(-1)
-    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return np.where(norms > 0, dot / np.maximum(norms, 1e-30), np.where(np.abs(a - b).max(-1) == 0, 1.0, 0.0))
-
-
 class _Stats:
     def __init__(self) -> None:
         self.max_abs = 0.0
@@ -42,7 +36,7 @@ class _Stats:
         if got.size == 0:
             return
         self.max_abs = max(self.max_abs, float(np.abs(got - want).max()))
-        self.min_cos = min(self.min_cos, float(_cosines(got, want).min()))
+        self.min_cos = min(self.min_cos, float(cosines(got, want).min()))
 
     def as_dict(self) -> dict[str, float]:
         return {"max_abs_diff": self.max_abs, "min_cosine": self.min_cos}

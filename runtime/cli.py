@@ -1,4 +1,11 @@
-"""`m3rt`: encode texts with an artifact, or inspect one."""
+"""`m3rt`: one command with a verb per job.
+
+- `export`: checkpoint -> artifact (the same as `m3-export`);
+- `encode`: texts -> the three outputs, summarised;
+- `inspect`: an artifact's manifest, verified; which int8 graph this CPU serves;
+- `compare`: one precision of an artifact against another on the held-out samples (the gates' metrics);
+- `bench`: latency, throughput, fidelity and memory of every backend (the same as `m3-bench`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m3rt.errors import M3Error
+from m3rt.errors import InputError, M3Error
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -83,9 +90,62 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from m3rt.backends.base import select_graph
+    from m3rt.fidelity import DEFAULT_GATES, Gate
+    from m3rt.manifest import load_manifest
+    from m3rt.validation import HeldoutComparison, int8_graph_for
+
+    manifest = load_manifest(args.artifact, verify=not args.no_verify)
+
+    def graph(precision: str) -> str:
+        if precision == "int8":
+            from m3rt.int8_kernel import int8_kernel
+
+            return int8_graph_for(manifest, int8_kernel())
+        return select_graph(manifest, precision, "cpu")
+
+    got, want = graph(args.precision), graph(args.against)
+    texts = None
+    if args.texts is not None:
+        try:
+            lines = args.texts.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --texts {args.texts}: {exc}") from exc
+        texts = [line for line in lines if line.strip()]
+        if not texts:
+            raise InputError(f"{args.texts} has no text lines")
+    comparison = HeldoutComparison(manifest, manifest.root / manifest.graphs[want]["file"], texts)
+    figures = comparison.figures(manifest.root / manifest.graphs[got]["file"])
+    gate = DEFAULT_GATES.get(args.precision, Gate())
+    failures = gate.failures(figures)
+    if args.json:
+        print(json.dumps({"graph": got, "against": want, **figures, "gate": vars(gate), "passed": not failures}))
+    else:
+        print(f"{manifest.graphs[got]['file']} vs {manifest.graphs[want]['file']} on {figures['texts']} texts:")
+        for name, value in figures.items():
+            if name != "texts":
+                print(f"  {name:28s} {value:.6f}")
+        print(f"gate {vars(gate)}: {'passed' if not failures else 'FAILED: ' + '; '.join(failures)}")
+    return 0 if not failures else 3
+
+
+def _delegate(verb: str, argv: list[str]) -> int:
+    if verb == "export":
+        from m3rt.export.cli import main as export_main
+
+        return export_main(argv)
+    from m3rt.benchmarks.bench import main as bench_main
+
+    return bench_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3rt", description="BGE-M3 inference on an m3rt artifact")
     sub = parser.add_subparsers(dest="command", required=True)
+    for verb, what in (("export", "checkpoint -> artifact (m3-export)"), ("bench", "benchmark backends (m3-bench)")):
+        # Listed for --help; `main` hands their arguments to m3-export / m3-bench untouched.
+        sub.add_parser(verb, help=what, add_help=False)
     enc = sub.add_parser("encode", help="encode texts and summarise the three outputs")
     enc.add_argument("artifact", type=Path)
     enc.add_argument("texts", nargs="+")
@@ -98,10 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true")
     ins.add_argument("--no-verify", action="store_true")
     ins.set_defaults(func=_inspect)
+    cmp = sub.add_parser("compare", help="one precision against another on the held-out samples, with the gate")
+    cmp.add_argument("artifact", type=Path)
+    cmp.add_argument("--precision", default="int8", help="graph to measure (default int8: the one this CPU serves)")
+    cmp.add_argument("--against", default="fp32", help="reference graph (default fp32)")
+    cmp.add_argument("--texts", type=Path, help="text file, one text per line (default: the built-in held-out samples)")
+    cmp.add_argument("--json", action="store_true")
+    cmp.add_argument("--no-verify", action="store_true")
+    cmp.set_defaults(func=_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("export", "bench"):
+        return _delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

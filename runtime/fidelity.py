@@ -14,11 +14,14 @@ import numpy as np
 TOP_K = 10
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each pair of vectors along the last axis (in float64); two identical zero vectors
+    count as 1, a zero vector against a non-zero one as 0."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return (a * b).sum(-1) / np.maximum(norms, 1e-30)
+    dot = (a * b).sum(-1)
+    return np.where(norms > 0, dot / np.maximum(norms, 1e-30), np.where(np.abs(a - b).max(-1) == 0, 1.0, 0.0))
 
 
 def _top(weights: Mapping[str, float], k: int) -> set[str]:
@@ -28,9 +31,9 @@ def _top(weights: Mapping[str, float], k: int) -> set[str]:
 def compare_outputs(got: dict[str, Any], want: dict[str, Any], top_k: int = TOP_K) -> dict[str, float]:
     """Dense and per-vector ColBERT cosine (min, mean); sparse top-k overlap, Jaccard of kept
     tokens and weight error on shared tokens (max, and mean relative to the text's top weight)."""
-    dense = _cosines(got["dense_vecs"], want["dense_vecs"])
+    dense = cosines(got["dense_vecs"], want["dense_vecs"])
     colbert = np.concatenate(
-        [_cosines(g, w) for g, w in zip(got["colbert_vecs"], want["colbert_vecs"]) if len(w)] or [np.ones(1)]
+        [cosines(g, w) for g, w in zip(got["colbert_vecs"], want["colbert_vecs"]) if len(w)] or [np.ones(1)]
     )
     overlaps, jaccards, abs_errors, rel_errors = [], [], [], []
     for g, w in zip(got["lexical_weights"], want["lexical_weights"]):
@@ -72,6 +75,10 @@ class Gate:
             if limit is not None and figures[name] < limit
         ]
 
+
+# A TensorRT engine against ONNX Runtime on the same graph: the same model, so only kernel-level
+# differences are allowed (a silent miscompile fails the export).
+ENGINE_GATE = Gate(dense_cos_min=0.999, colbert_cos_mean=0.999)
 
 DEFAULT_GATES = {
     "fp16": Gate(dense_cos_min=0.999),

@@ -23,3 +23,35 @@ def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert main(["encode", str(tmp_path), "x"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("m3rt: error:") and "Traceback" not in err
+
+
+def test_export_and_bench_verbs_are_m3_export_and_m3_bench(tiny, tmp_path, capsys):
+    assert main(["export", "--model", str(tiny[0]), "-o", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "m3rt.json").read_text())["graphs"]["fp32"]["validation"]
+    quick = ["--no-reference", "--lengths", "16", "--texts", "3", "--repeats", "1", "--warmup", "0"]
+    quick += ["--max-seconds", "1", "--throughput-runs", "1", "--distributions", "queries"]
+    assert main(["bench", str(tmp_path / "a"), "-o", str(tmp_path / "bench"), *quick]) == 0
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
+
+
+def test_compare_measures_a_precision_against_fp32_with_its_gate(tmp_path, tiny, capsys):
+    import numpy as np
+
+    from m3rt import M3Model
+    from m3rt.export.artifact import ExportOptions, export_artifact
+    from m3rt.fidelity import compare_outputs
+
+    out = tmp_path / "a"
+    export_artifact(ExportOptions(model=str(tiny[0]), output=out, int8=True, int8_forms=("cpu", "cpu-u8")))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("first text\n\nsecond, somewhat longer text about retrieval\nla troisième\n", encoding="utf-8")
+    assert main(["compare", str(out), "--texts", str(texts), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["against"] == "fp32" and report["graph"] in ("int8", "int8-u8") and report["texts"] == 3
+    lines = [line for line in texts.read_text().splitlines() if line.strip()]
+    everything = dict(max_length=512, return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    want = compare_outputs(
+        M3Model.load(out, precision="int8").encode(lines, **everything), M3Model.load(out).encode(lines, **everything)
+    )
+    assert np.isclose(report["dense_cos_min"], want["dense_cos_min"], atol=1e-6)
+    assert main(["compare", str(out), "--texts", str(tmp_path / "missing.txt")]) == 1

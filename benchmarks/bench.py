@@ -146,8 +146,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     factory = TextFactory(tokenizer, seed=args.seed)
     runners, notes = m3rt_runners(args.artifact, args.batch_size, args.token_budget)
     checkpoint = args.checkpoint
-    if checkpoint is None and manifest.data["source"].get("kind") == "local":
-        checkpoint = Path(manifest.data["source"]["model"])
+    if checkpoint is None and manifest.source.get("kind") == "local":
+        checkpoint = Path(manifest.source["model"])
     if args.no_reference:
         notes.append("PyTorch reference: skipped (--no-reference)")
     else:
@@ -166,7 +166,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         workloads = {Path(args.corpus).name: lines}
     fidelity_texts = factory.distribution("passages", min(args.texts, 32))
     hidden = manifest.hidden_size
-    layers = int(manifest.data["model"]["num_hidden_layers"])
+    layers = manifest.model.num_hidden_layers
 
     results: list[dict[str, Any]] = []
     total = len(runners) * (2 * len(lengths) + len(workloads) + 1)
@@ -259,7 +259,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["m3-bench", *sys.argv[1:]]),
         "artifact": str(args.artifact),
-        "model": manifest.data["model"],
+        "model": vars(manifest.model),
         "machine": machine_description(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "notes": notes,

@@ -252,21 +252,22 @@ def step_export(run: Run) -> dict[str, Any]:
         timings["export_s"] = round(_now() - t, 1)
     manifest = load_manifest(artifact, verify=False)
     run.shared["manifest"] = manifest
-    graphs = manifest.graphs
-    fused = graphs["fp16-fused"]
+    fused = manifest.graph("fp16-fused")
     return {
         "reused_previous_export": reused,
         "timings": timings,
-        "export_timings": manifest.data.get("timings"),
+        "export_timings": manifest.timings,
         "checkpoint": str(ckpt),
         "tokenizer": (ckpt / "TOKENIZER_SOURCE").read_text().strip() if (ckpt / "TOKENIZER_SOURCE").is_file() else None,
-        "model": {k: manifest.data["model"][k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
-        "fused_operators": fused["optimizer"]["fused_operators"],
-        "fused_warnings": fused.get("warnings"),
-        "fused_fp32_vs_pytorch": fused["validation"]["heads"],
-        "fp16_fused_vs_fp32_on_ort_cpu": {k: v for k, v in fused["fidelity"].items() if k != "gate"},
-        "fp16_plain_vs_fp32_on_ort_cpu": {k: v for k, v in graphs["fp16"].get("fidelity", {}).items() if k != "gate"},
-        "files_gb": {n: round(r["size"] / 1e9, 3) for n, r in manifest.data["files"].items()},
+        "model": {k: getattr(manifest.model, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+        "fused_operators": fused.details["optimizer"]["fused_operators"],
+        "fused_warnings": fused.details.get("warnings"),
+        "fused_fp32_vs_pytorch": (fused.validation or {}).get("heads"),
+        "fp16_fused_vs_fp32_on_ort_cpu": {k: v for k, v in (fused.fidelity or {}).items() if k != "gate"},
+        "fp16_plain_vs_fp32_on_ort_cpu": {
+            k: v for k, v in (manifest.graph("fp16").fidelity or {}).items() if k != "gate"
+        },
+        "files_gb": {n: round(r["size"] / 1e9, 3) for n, r in manifest.files.items()},
     }
 
 
@@ -300,7 +301,7 @@ def _m3rt_model(run: Run, cuda_graph: bool, **backend_options: Any) -> Any:
             backend_options={"cuda_graph": cuda_graph, **backend_options},
         )  # fmt: skip
     backend = OnnxRuntimeCudaBackend(
-        manifest.root / manifest.graphs["fp16-fused"]["file"], device_type="cpu", cuda_graph=cuda_graph,
+        manifest.graph_path("fp16-fused"), device_type="cpu", cuda_graph=cuda_graph,
         pad_id=manifest.special_tokens["pad"], **backend_options,
     )  # fmt: skip
     return M3Model(manifest, backend, M3Tokenizer(manifest.tokenizer_path), token_budget=run.args.token_budget)
@@ -651,7 +652,7 @@ def step_variants(run: Run) -> dict[str, Any]:
     manifest = run.shared["manifest"]
     out: dict[str, Any] = {}
     fused = run.shared["m3rt"].backend
-    plain = OnnxRuntimeCudaBackend(manifest.root / manifest.graphs["fp16"]["file"], cuda_graph=False)
+    plain = OnnxRuntimeCudaBackend(manifest.graph_path("fp16"), cuda_graph=False)
     try:
         for label, (b, s) in (("32x512", (32, 512)), ("2x8192", (2, 8192))):
             ids = np.random.default_rng(0).integers(5, 1000, (b, s)).astype(np.int64)

@@ -52,7 +52,7 @@ def m3rt_runners(
     manifest = load_manifest(artifact, verify=False)
     notes = []
     # precision="int8" serves model.int8.onnx or its uint8 twin, whichever this CPU computes exactly
-    cpu_graphs = set(manifest.graphs) | ({"int8"} if "int8-u8" in manifest.graphs else set())
+    cpu_graphs = set(manifest.graph_names) | ({"int8"} if manifest.has_graph("int8-u8") else set())
     combos = [("onnxruntime", p, "cpu") for p in ("fp32", "int8") if p in cpu_graphs]
     try:
         import onnxruntime as ort
@@ -62,14 +62,14 @@ def m3rt_runners(
         cuda = False
     if cuda and gpu_unavailable_reason() is None:
         # fp16 on CUDA runs the fused graph when the artifact has one (backends.base.select_graph).
-        graphs = set(manifest.graphs) | ({"fp16"} if "fp16-fused" in manifest.graphs else set())
+        graphs = set(manifest.graph_names) | ({"fp16"} if manifest.has_graph("fp16-fused") else set())
         combos += [("onnxruntime", p, "cuda") for p in ("fp32", "fp16") if p in graphs]
     else:
         notes.append("ONNX Runtime CUDA: skipped (no onnxruntime-gpu with a visible GPU)")
-    if not manifest.engines:
+    if not manifest.engine_names:
         notes.append("TensorRT: skipped (the artifact has no engines)")
     elif _tensorrt_usable():
-        combos += [("tensorrt", p, "cuda") for p in manifest.engines]
+        combos += [("tensorrt", p, "cuda") for p in manifest.engine_names]
     else:
         notes.append("TensorRT: skipped (engines present but TensorRT or a GPU is not)")
 

@@ -25,7 +25,7 @@ from m3rt.export.samples import calibration_texts, sample_texts
 from m3rt.export.validate import Tolerance, check_tolerance, compare_with_reference
 from m3rt.fidelity import DEFAULT_GATES, Gate
 from m3rt.int8_kernel import Int8Kernel, int8_kernel
-from m3rt.manifest import FORMAT, FORMAT_VERSION, INPUT_NAMES, MANIFEST_NAME, OUTPUT_NAMES, Manifest, file_record
+from m3rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, OUTPUT_NAMES, Manifest, file_record, graph_record
 from m3rt.validation import HeldoutComparison
 
 MAX_LENGTH = 8192  # positions 2..8193 of XLM-R's 8194-row table, <s> and </s> included
@@ -101,30 +101,6 @@ def _make_readable(directory: Path) -> None:
     directory.chmod(0o777 & ~umask)
     for path in directory.iterdir():
         path.chmod(0o666 & ~umask)
-
-
-def _graph_entry(
-    files: list[Path],
-    precision: str,
-    opset: int,
-    hidden: int,
-    colbert_dim: int,
-    outputs_dtype: str = "float32",
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "file": files[0].name,
-        "files": [p.name for p in files],
-        "precision": precision,
-        "opset": opset,
-        "inputs": {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in INPUT_NAMES},
-        "outputs": {
-            "dense_vecs": {"dtype": outputs_dtype, "shape": ["batch", hidden]},
-            "sparse_weights": {"dtype": outputs_dtype, "shape": ["batch", "sequence"]},
-            "colbert_vecs": {"dtype": outputs_dtype, "shape": ["batch", "sequence - 1", colbert_dim]},
-        },
-        **extra,
-    }
 
 
 class _Variants:
@@ -238,7 +214,7 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
             del reference  # frees the PyTorch weights before the variants load theirs
 
         hidden = int(config.hidden_size)
-        entry = partial(_graph_entry, opset=opts.opset, hidden=hidden, colbert_dim=colbert_dim)
+        entry = partial(graph_record, opset=opts.opset, hidden=hidden, colbert_dim=colbert_dim)
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

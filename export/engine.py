@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from m3rt.manifest import engine_record
 from m3rt.profiles import Profile, default_profiles, parse_profiles
 
 ENGINE_SOURCES = {"fp16": "fp16", "int8": "int8-qdq"}  # engine precision -> graph it is built from
@@ -56,14 +57,14 @@ def build_engines(
             continue
         plan_path = staging / f"model.{precision}.plan"
         plan_path.write_bytes(_build_plan(trt, logger, staging / graph["file"], planned, workspace_gb, timing_cache))
-        info = {
-            "file": plan_path.name,
-            "built_from": graph["file"],
-            "tensorrt_version": trt.__version__,
-            **device_description(),
-            "profiles": [{"name": p.name, "min": p.shapes[0], "opt": p.shapes[1], "max": p.shapes[2]} for p in planned],
-            "workspace_bytes": int(workspace_gb * (1 << 30)),
-        }
+        info = engine_record(
+            plan_path,
+            graph["file"],
+            trt.__version__,
+            device_description(),
+            [{"name": p.name, "min": p.shapes[0], "opt": p.shapes[1], "max": p.shapes[2]} for p in planned],
+            workspace_bytes=int(workspace_gb * (1 << 30)),
+        )
         info["check"] = _check_against_onnxruntime(staging, manifest, info, staging / graph["file"])
         engines[precision] = info
     return engines
@@ -106,7 +107,7 @@ def _check_against_onnxruntime(
     from m3rt.backends.tensorrt import TensorRTBackend
     from m3rt.export.samples import sample_texts
     from m3rt.fidelity import ENGINE_GATE, compare_outputs
-    from m3rt.manifest import Manifest
+    from m3rt.manifest import EngineInfo, Manifest
     from m3rt.model import M3Model
     from m3rt.tokenizer import M3Tokenizer
 
@@ -114,7 +115,8 @@ def _check_against_onnxruntime(
     tokenizer = M3Tokenizer(staging / "tokenizer.json")
     texts = sample_texts()
     kw = dict(max_length=512, return_dense=True, return_sparse=True, return_colbert_vecs=True)
-    engine_out = M3Model(view, TensorRTBackend(staging / info["file"], info), tokenizer).encode(texts, **kw)
+    engine = EngineInfo.parse("check", info)
+    engine_out = M3Model(view, TensorRTBackend(staging / engine.file, engine), tokenizer).encode(texts, **kw)
     ort_out = M3Model(view, OnnxRuntimeBackend(graph), tokenizer).encode(texts, **kw)
     figures = compare_outputs(engine_out, ort_out)
     failures = ENGINE_GATE.failures(figures)

@@ -45,46 +45,45 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    model = data["model"]
+    model = manifest.model
     print(f"artifact {manifest.root}  (format {data['format_version']}, created {data['created']})")
-    print(f"source   {data['source'].get('model')} [{data['source'].get('kind')}]")
+    print(f"source   {manifest.source.get('model')} [{manifest.source.get('kind')}]")
     print(
-        f"model    {model['num_hidden_layers']} layers x {model['hidden_size']}, vocab {model['vocab_size']}, "
-        f"max length {model['max_length']}"
+        f"model    {model.num_hidden_layers} layers x {model.hidden_size}, vocab {model.vocab_size}, "
+        f"max length {model.max_length}"
     )
-    print(f"specials {data['special_tokens']}")
-    for name, graph in data["graphs"].items():
+    print(f"specials {manifest.special_tokens}")
+    for graph in map(manifest.graph, manifest.graph_names):
         quality = []
-        if "validation" in graph:
-            worst = min(h["min_cosine"] for h in graph["validation"]["heads"].values())
+        if graph.validation:
+            worst = min(h["min_cosine"] for h in graph.validation["heads"].values())
             # The fused graph's validation is of its fp32 form (before the fp16 conversion).
-            what = f" ({graph['validation']['graph']})" if "graph" in graph["validation"] else ""
+            what = f" ({graph.validation['graph']})" if "graph" in graph.validation else ""
             quality.append(f"validated against PyTorch{what}, min cosine {worst:.8f}")
-        if "fidelity" in graph:
-            fid = graph["fidelity"]
+        if graph.fidelity:
+            fid = graph.fidelity
             quality.append(
                 f"vs fp32: dense cos min {fid['dense_cos_min']:.5f}, ColBERT cos mean "
                 f"{fid['colbert_cos_mean']:.5f}, sparse top-10 {fid['sparse_top10_overlap']:.3f}"
                 f"{'' if fid['passed'] else ' (BELOW GATE)'}"
             )
-        on = graph.get("fidelity", {}).get("measured_on")
-        if on:
+        if graph.measured_on:
+            on = graph.measured_on
             quality.append(f"measured on {on['cpu']} ({on.get('kernel') or on.get('arithmetic')})")
-        quality = "; ".join(quality)
-        print(f"graph    {name}: {graph['file']} for {', '.join(graph.get('backends', []))}; {quality}")
-    if any(name in data["graphs"] for name in ("int8", "int8-u8")):
+        print(f"graph    {graph.name}: {graph.file} for {', '.join(graph.backends)}; {'; '.join(quality)}")
+    if manifest.has_graph("int8") or manifest.has_graph("int8-u8"):
         from m3rt.int8_kernel import int8_kernel
         from m3rt.validation import int8_graph_for
 
         kernel = int8_kernel()
-        served = data["graphs"][int8_graph_for(manifest, kernel)]["file"]
+        served = manifest.graph(int8_graph_for(manifest, kernel)).file
         print(f"int8     this CPU ({kernel.cpu}): {kernel.describe()}; precision='int8' serves {served}")
-    for name, engine in data.get("engines", {}).items():
+    for engine in map(manifest.engine, manifest.engine_names):
         print(
-            f"engine   {name}: {engine['file']} TensorRT {engine['tensorrt_version']} on {engine['gpu']} "
-            f"(compute {engine['compute_capability']}), {len(engine['profiles'])} profiles"
+            f"engine   {engine.name}: {engine.file} TensorRT {engine.tensorrt_version} on {engine.gpu} "
+            f"(compute {engine.compute_capability}), {len(engine.profiles)} profiles"
         )
-    for name, rec in data["files"].items():
+    for name, rec in manifest.files.items():
         print(f"file     {name:20s} {rec['size']:>14,d} B  sha256 {rec['sha256'][:16]}...")
     print("verified: all files match the manifest" if not args.no_verify else "not verified (--no-verify)")
     return 0
@@ -115,14 +114,14 @@ def _compare(args: argparse.Namespace) -> int:
         texts = [line for line in lines if line.strip()]
         if not texts:
             raise InputError(f"{args.texts} has no text lines")
-    comparison = HeldoutComparison(manifest, manifest.root / manifest.graphs[want]["file"], texts)
-    figures = comparison.figures(manifest.root / manifest.graphs[got]["file"])
+    comparison = HeldoutComparison(manifest, manifest.graph_path(want), texts)
+    figures = comparison.figures(manifest.graph_path(got))
     gate = DEFAULT_GATES.get(args.precision, Gate())
     failures = gate.failures(figures)
     if args.json:
         print(json.dumps({"graph": got, "against": want, **figures, "gate": vars(gate), "passed": not failures}))
     else:
-        print(f"{manifest.graphs[got]['file']} vs {manifest.graphs[want]['file']} on {figures['texts']} texts:")
+        print(f"{manifest.graph(got).file} vs {manifest.graph(want).file} on {figures['texts']} texts:")
         for name, value in figures.items():
             if name != "texts":
                 print(f"  {name:28s} {value:.6f}")

@@ -206,7 +206,7 @@ class M3Model:
             if sparse_format == "csr":
                 result["lexical_weights"] = sparse
             elif sparse_format == "scipy":
-                result["lexical_weights"] = sparse.to_scipy(int(self.manifest.data["model"]["vocab_size"]))
+                result["lexical_weights"] = sparse.to_scipy(self.manifest.model.vocab_size)
             else:
                 dicts = sparse.to_dicts()
                 result["lexical_weights"] = dicts[0] if single else dicts

@@ -15,7 +15,7 @@ from typing import Any
 from m3rt.errors import ArtifactError
 from m3rt.fidelity import DEFAULT_GATES, Gate, compare_outputs
 from m3rt.int8_kernel import Int8Kernel, int8_kernel
-from m3rt.manifest import Manifest
+from m3rt.manifest import GraphInfo, Manifest
 from m3rt.tokenizer import M3Tokenizer
 
 ALL_OUTPUTS = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True}
@@ -48,34 +48,32 @@ class HeldoutComparison:
         return compare_outputs(self.encode(graph, session_config), self.reference)
 
 
-def gate_of(entry: Mapping[str, Any], name: str) -> Gate:
-    """The gate a graph entry records (what its export was held to), else the default for its precision."""
-    recorded = entry.get("fidelity", {}).get("gate")
-    return Gate(**recorded) if recorded else DEFAULT_GATES.get(name.split("-")[0], Gate())
+def gate_of(graph: GraphInfo) -> Gate:
+    """The gate a graph records (what its export was held to), else the default for its precision."""
+    return Gate(**graph.gate) if graph.gate else DEFAULT_GATES.get(graph.precision, Gate())
 
 
 def int8_graph_for(manifest: Manifest, kernel: Int8Kernel) -> str:
     """The CPU int8 graph to serve: int8 weights where u8 x s8 sums are exact, else the uint8 twin."""
-    graphs = manifest.graphs
-    if not kernel.u8s8_exact and "int8-u8" in graphs:
+    if not kernel.u8s8_exact and manifest.has_graph("int8-u8"):
         return "int8-u8"
-    if "int8" in graphs:
+    if manifest.has_graph("int8"):
         return "int8"
-    if "int8-u8" in graphs:
+    if manifest.has_graph("int8-u8"):
         return "int8-u8"
-    raise ArtifactError(f"{manifest.root} has no 'int8' graph; it has: {', '.join(sorted(graphs))}")
+    raise ArtifactError(f"{manifest.root} has no 'int8' graph; it has: {', '.join(sorted(manifest.graph_names))}")
 
 
-def served_as_measured(entry: Mapping[str, Any], kernel: Int8Kernel) -> bool:
+def served_as_measured(graph: GraphInfo, kernel: Int8Kernel) -> bool:
     """Whether this CPU computes the graph's integer products exactly, as its recorded gate was measured.
 
     A gate measured with exact (int32) sums holds wherever the sums are exact again: uint8 weights
     everywhere, int8 weights where this CPU's u8 x s8 kernel does not saturate.
     """
-    measured = entry.get("fidelity", {}).get("measured_on")
+    measured = graph.measured_on
     if not measured or not measured.get("exact"):
         return False
-    if entry.get("weight_type") == "uint8":
+    if graph.weight_type == "uint8":
         return True
     return kernel.u8s8_exact
 
@@ -85,36 +83,36 @@ def check_int8_on_this_cpu(manifest: Manifest, name: str, kernel: Int8Kernel | N
     measures it here against the fp32 graph, raises ArtifactError below its gate, and returns a note.
     """
     kernel = kernel or int8_kernel()
-    entry = manifest.graphs[name]
-    if served_as_measured(entry, kernel):
+    graph = manifest.graph(name)
+    if served_as_measured(graph, kernel):
         return None
-    gate = gate_of(entry, name)
-    measured = entry.get("fidelity", {}).get("measured_on")
+    gate = gate_of(graph)
+    measured = graph.measured_on
     why = (
         f"its gate was measured with {measured.get('kernel', 'other')} arithmetic"
         if measured
         else "its manifest does not say how its gate was measured"
     )
     warnings.warn(
-        f"m3rt: {entry['file']} runs here with {kernel.describe()} arithmetic and {why}; validating it on "
+        f"m3rt: {graph.file} runs here with {kernel.describe()} arithmetic and {why}; validating it on "
         f"this CPU against the fp32 graph first ({len(heldout_texts())} held-out texts)",
         stacklevel=3,
     )
-    comparison = HeldoutComparison(manifest, manifest.root / manifest.graphs["fp32"]["file"])
-    figures = comparison.figures(manifest.root / entry["file"])
+    comparison = HeldoutComparison(manifest, manifest.graph_path("fp32"))
+    figures = comparison.figures(manifest.graph_path(name))
     failures = gate.failures(figures)
     if failures:
         hint = (
             "re-export with m3-export --int8, which adds model.int8.u8.onnx for CPUs like this one"
-            if "int8-u8" not in manifest.graphs
+            if not manifest.has_graph("int8-u8")
             else "use precision='fp32'"
         )
         raise ArtifactError(
-            f"{entry['file']} misses its accuracy gate on this CPU ({kernel.cpu}; {kernel.describe()}): "
+            f"{graph.file} misses its accuracy gate on this CPU ({kernel.cpu}; {kernel.describe()}): "
             f"{'; '.join(failures)}. Not serving it: {hint}"
         )
     return (
-        f"{entry['file']} validated on this CPU at load ({kernel.describe()}): dense cos min "
+        f"{graph.file} validated on this CPU at load ({kernel.describe()}): dense cos min "
         f"{figures['dense_cos_min']:.4f}, ColBERT mean {figures['colbert_cos_mean']:.4f}, sparse top-10 "
         f"{figures['sparse_top10_overlap']:.3f} (gate {vars(gate)})"
     )

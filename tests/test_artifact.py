@@ -109,3 +109,32 @@ def test_a_gpu_provider_that_cannot_start_is_an_error_not_a_silent_cpu_run(tiny)
 
     with pytest.raises(BackendError, match="could not start CUDAExecutionProvider.*onnxruntime-gpu"):
         M3Model.load(tiny[1], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_typed_schema_reads_what_the_exporter_writes(tiny):
+    from pathlib import Path
+
+    from m3rt.errors import ArtifactError
+    from m3rt.manifest import EngineInfo, engine_record, load_manifest
+
+    config = json.loads((Path(tiny[0]) / "config.json").read_text())
+    manifest = load_manifest(tiny[1])
+    assert manifest.model.hidden_size == config["hidden_size"]
+    assert manifest.model.num_hidden_layers == config["num_hidden_layers"]
+    assert manifest.model.vocab_size == config["vocab_size"]
+    fp32 = manifest.graph("fp32")
+    assert fp32.file == "model.onnx" and fp32.precision == "fp32" and fp32.validation["heads"]
+    assert manifest.graph_path("fp32") == Path(tiny[1]) / "model.onnx"
+    assert set(manifest.files) >= {"model.onnx", "tokenizer.json"}
+    with pytest.raises(ArtifactError, match="has no 'int8' graph; it has: fp32"):
+        manifest.graph("int8")
+    profiles = [{"name": "short", "min": [1, 1], "opt": [8, 32], "max": [64, 64]}]
+    device = {"gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    record = engine_record(Path("model.fp16.plan"), "model.fp16.onnx", "10.16.0", device, profiles, workspace_bytes=1)
+    engine = EngineInfo.parse("fp16", json.loads(json.dumps(record)))
+    assert (engine.file, engine.built_from, engine.gpu, engine.profiles[0]["max"]) == (
+        "model.fp16.plan",
+        "model.fp16.onnx",
+        "NVIDIA H100",
+        [64, 64],
+    )

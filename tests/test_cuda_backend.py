@@ -100,7 +100,7 @@ def test_the_cpu_never_runs_the_cuda_only_graph(fused):
 
 def test_artifacts_without_a_fused_graph_still_load(tiny):
     model = M3Model.load(tiny[1])
-    assert "fp16-fused" not in model.manifest.graphs
+    assert not model.manifest.has_graph("fp16-fused")
     assert select_graph(model.manifest, "fp32", "cuda") == "fp32"
     with pytest.raises(ArtifactError, match="no 'fp16' graph"):
         select_graph(model.manifest, "fp16", "cuda")

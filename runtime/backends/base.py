@@ -38,7 +38,6 @@ def _tensorrt_usable() -> bool:
 
 # The ONNX Runtime CPU int8 graphs: int8 weights (exact on VNNI/AMX) and their uint8 twin (exact everywhere).
 INT8_CPU_GRAPHS = ("int8", "int8-u8")
-CUDA_ONLY_KEY = "execution_provider"  # a graph entry with this key runs on that ONNX Runtime provider only
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
@@ -70,19 +69,17 @@ def select_graph(manifest: Manifest, precision: str, device: str) -> str:
     one: it measured 1.4-5.9x the plain graph there. A graph recorded as CUDA-only is never chosen for
     the CPU, even when asked for by name.
     """
-    graphs = manifest.graphs
     name = precision
-    if device == "cuda" and precision == "fp16" and "fp16-fused" in graphs:
+    if device == "cuda" and precision == "fp16" and manifest.has_graph("fp16-fused"):
         name = "fp16-fused"
-    if device == "cpu" and precision == "int8" and name not in graphs and "int8-u8" in graphs:
+    if device == "cpu" and precision == "int8" and not manifest.has_graph(name) and manifest.has_graph("int8-u8"):
         name = "int8-u8"
-    if name not in graphs:
-        raise ArtifactError(f"{manifest.root} has no {precision!r} graph; it has: {', '.join(sorted(graphs))}")
-    provider = graphs[name].get(CUDA_ONLY_KEY)
+    graph = manifest.graph(name)
+    provider = graph.execution_provider
     if device == "cpu" and provider not in (None, "CPUExecutionProvider"):
         raise ArtifactError(
-            f"{graphs[name]['file']} is built for ONNX Runtime's {provider} (fused contrib kernels); "
-            f"load it with device='cuda', or pick another precision for the CPU ({', '.join(sorted(graphs))})"
+            f"{graph.file} is built for ONNX Runtime's {provider} (fused contrib kernels); load it with "
+            f"device='cuda', or pick another precision for the CPU ({', '.join(sorted(manifest.graph_names))})"
         )
     return name
 
@@ -97,17 +94,17 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
     if name not in BACKENDS:
         raise ArtifactError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "auto":
-        name = "tensorrt" if precision in manifest.engines and _tensorrt_usable() else "onnxruntime"
+        name = "tensorrt" if precision in manifest.engine_names and _tensorrt_usable() else "onnxruntime"
     if name == "tensorrt":
         from m3rt.backends.tensorrt import TensorRTBackend
 
-        info = manifest.engines.get(precision)
-        if info is None:
+        if precision not in manifest.engine_names:
             raise ArtifactError(
                 f"{manifest.root} has no {precision} TensorRT engine; build one on the GPU machine with "
-                f"m3-export --engine (engines here: {', '.join(sorted(manifest.engines)) or 'none'})"
+                f"m3-export --engine (engines here: {', '.join(sorted(manifest.engine_names)) or 'none'})"
             )
-        return TensorRTBackend(manifest.root / info["file"], info)
+        info = manifest.engine(precision)
+        return TensorRTBackend(manifest.root / info.file, info)
     providers = options.get("providers")
     device, device_id = parse_device(options.get("device"), providers)
     graph = select_graph(manifest, precision, device)
@@ -119,7 +116,7 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
             if isinstance(p, (tuple, list)) and p[0] == CUDA_PROVIDER and len(p) > 1:
                 cuda_options = {k: v for k, v in dict(p[1]).items() if k != "device_id"}
         return OnnxRuntimeCudaBackend(
-            manifest.root / manifest.graphs[graph]["file"],
+            manifest.graph_path(graph),
             device_id=device_id,
             pad_id=manifest.special_tokens["pad"],
             provider_options=cuda_options,
@@ -135,12 +132,12 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
         kernel = int8_kernel()
         if precision == "int8":
             graph = int8_graph_for(manifest, kernel)
-        notes.append(f"int8: {manifest.graphs[graph]['file']} for this CPU's {kernel.describe()} kernels")
+        notes.append(f"int8: {manifest.graph(graph).file} for this CPU's {kernel.describe()} kernels")
         validated = check_int8_on_this_cpu(manifest, graph, kernel)
         if validated:
             notes.append(validated)
     engine = OnnxRuntimeBackend(
-        manifest.root / manifest.graphs[graph]["file"],
+        manifest.graph_path(graph),
         providers=providers,
         intra_op_threads=options.get("intra_op_threads"),
     )

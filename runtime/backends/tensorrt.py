@@ -9,13 +9,12 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from m3rt.cuda import check, device_description, runtime_api
 from m3rt.errors import ArtifactError, BackendError
-from m3rt.manifest import INPUT_NAMES
+from m3rt.manifest import INPUT_NAMES, EngineInfo
 from m3rt.profiles import Profile, select_profile
 
 TENSORRT_INSTALL_HINT = (
@@ -61,12 +60,12 @@ class _Buffer:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, plan_path: Path, info: dict[str, Any], device: int = 0) -> None:
+    def __init__(self, plan_path: Path, info: EngineInfo, device: int = 0) -> None:
         trt = import_tensorrt()
         self._cudart = cudart = runtime_api()
         check(cudart.cudaSetDevice(device))
         here = {"tensorrt_version": trt.__version__, **device_description(device)}
-        built = {k: info.get(k) for k in here}
+        built = {k: getattr(info, k) for k in here}
         if built != here:
             raise ArtifactError(
                 f"{plan_path.name} was built for {built['gpu']} (compute {built['compute_capability']}) with "
@@ -81,7 +80,7 @@ class TensorRTBackend:
         self._trt, self._runtime, self._engine = trt, runtime, engine
         self._context = engine.create_execution_context()
         self._stream = check(cudart.cudaStreamCreate())
-        self._profiles = [Profile(p["name"], p["max"][0], p["max"][1], p["min"][1]) for p in info["profiles"]]
+        self._profiles = [Profile(p["name"], p["max"][0], p["max"][1], p["min"][1]) for p in info.profiles]
         self._active_profile = -1
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]

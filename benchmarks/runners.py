@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from m3rt.core import Capabilities
 from m3rt.manifest import OUTPUT_NAMES
 from m3rt.model import M3Model
 from m3rt.scheduler import plan_batches
@@ -113,6 +114,7 @@ class TorchBackend:
     fp32 reference that accuracy is measured against)."""
 
     name = "pytorch"
+    capabilities = Capabilities(thread_safe=False)
 
     def __init__(self, checkpoint: Path, device: str, fp16: bool | None = None) -> None:
         import torch

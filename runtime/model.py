@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -10,12 +9,13 @@ from typing import Any, Literal
 import numpy as np
 
 from m3rt.backends import Backend, create_backend
-from m3rt.errors import BackendOutOfMemory, InputError
+from m3rt.core import BatchRunner
+from m3rt.errors import InputError
 from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
 from m3rt.postprocess import OutputCollector
-from m3rt.scheduler import Batch, pad_batch, plan_batches, split_batch, token_lengths
+from m3rt.scheduler import pad_batch, plan_batches, token_lengths
 from m3rt.scoring import colbert_score, combine_scores, lexical_matching_score, lexical_matching_scores
 from m3rt.tokenizer import M3Tokenizer
 
@@ -88,9 +88,8 @@ class M3Model:
         specials = manifest.special_tokens
         self.pad_id = specials["pad"]
         self.unused_ids = tuple(sorted({specials[k] for k in _UNUSED_SPECIALS if k in specials}))
-        # Backends that keep per-call state (device buffers, a CUDA stream) run one batch at a time;
-        # those that say `thread_safe = True` (ONNX Runtime's session.run is) run concurrently.
-        self._backend_lock = threading.Lock()
+        # Locking, row limits and out-of-memory retries, by what the backend says it can do.
+        self._runner = BatchRunner(backend)
 
     @classmethod
     def load(
@@ -233,27 +232,12 @@ class M3Model:
             tokenize=lambda chunk, first_index: self._tokenize(chunk, max_length, truncate, first_index),
             plan=lambda ids: plan_batches(token_lengths(ids), batch_size, self.token_budget),
             pad=lambda ids, positions, first_index: pad_batch(ids, positions, self.pad_id, first_index),
-            infer=lambda batch: self._infer(batch, outputs),
+            infer=lambda batch: self._runner.run(batch, outputs),
             collect=collector.add,
         )
         with TokenProgress(show_progress) as progress:
             run_pipeline(texts, stages, progress)
         return collector.finish()
-
-    def _infer(self, batch: Batch, outputs: list[str]) -> list[tuple[Batch, dict]]:
-        """Run a batch; when it does not fit in memory, split it in halves and retry (nothing is lost)."""
-        try:
-            return [(batch, self._run_backend(batch, outputs))]
-        except BackendOutOfMemory:
-            if len(batch.indices) == 1:
-                raise
-        return [result for part in split_batch(batch) for result in self._infer(part, outputs)]
-
-    def _run_backend(self, batch: Batch, outputs: list[str]) -> dict:
-        if getattr(self.backend, "thread_safe", False):
-            return self.backend.run(batch.input_ids, batch.attention_mask, outputs)
-        with self._backend_lock:
-            return self.backend.run(batch.input_ids, batch.attention_mask, outputs)
 
     def encode_queries(
         self, queries: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None, **kwargs: Any

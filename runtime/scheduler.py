@@ -59,27 +59,27 @@ def pad_batch(
     return Batch(indices=indices, input_ids=input_ids, attention_mask=attention_mask)
 
 
-def split_batch(batch: Batch) -> tuple[Batch, Batch]:
-    """Halve a padded batch (rows kept in order), each half trimmed to its own longest member.
+def take_rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows `start:stop` of a padded batch (in order), trimmed to their own longest member: the same
+    arrays `pad_batch` would build for those texts, without needing their token ids again."""
+    rows = slice(start, stop)
+    mask = batch.attention_mask[rows]
+    width = int(mask.sum(axis=1).max())
+    # Contiguous copies: backends hand the arrays to native code as they are.
+    return Batch(
+        batch.indices[rows],
+        np.ascontiguousarray(batch.input_ids[rows, :width]),
+        np.ascontiguousarray(mask[:, :width]),
+    )
 
-    The same arrays `pad_batch` would build for either half, without needing the token ids again:
-    this is how a batch that ran out of memory is retried.
-    """
+
+def split_batch(batch: Batch) -> tuple[Batch, Batch]:
+    """Halve a padded batch (rows kept in order), each half trimmed to its own longest member: how a
+    batch that ran out of memory is retried."""
     if len(batch.indices) < 2:
         raise ValueError("a batch of one text cannot be split")
     half = len(batch.indices) // 2
-
-    def part(rows: slice) -> Batch:
-        mask = batch.attention_mask[rows]
-        width = int(mask.sum(axis=1).max())
-        # Contiguous copies: backends hand the arrays to native code as they are.
-        return Batch(
-            batch.indices[rows],
-            np.ascontiguousarray(batch.input_ids[rows, :width]),
-            np.ascontiguousarray(mask[:, :width]),
-        )
-
-    return part(slice(0, half)), part(slice(half, None))
+    return take_rows(batch, 0, half), take_rows(batch, half, len(batch.indices))
 
 
 def token_lengths(ids: list[np.ndarray]) -> np.ndarray:

@@ -5,6 +5,7 @@ import pytest
 
 from m3rt import InputError, InputTooLongError, M3Model
 
+from fake_backend import FakeBackend
 from parity import assert_outputs
 
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
@@ -91,28 +92,11 @@ def test_invalid_constructor_options(tiny):
         M3Model.load(tiny[1], token_budget=0)
 
 
-class _MemoryLimitedBackend:
-    """Wraps the real backend; refuses batches over `max_rows` rows as out of memory."""
-
-    name = "memory-limited"
-
-    def __init__(self, inner, max_rows):
-        self.inner, self.max_rows, self.refused = inner, max_rows, 0
-
-    def run(self, input_ids, attention_mask, outputs):
-        from m3rt import BackendOutOfMemory
-
-        if len(input_ids) > self.max_rows:
-            self.refused += 1
-            raise BackendOutOfMemory("ONNX Runtime out of memory: Failed to allocate memory for requested buffer")
-        return self.inner.run(input_ids, attention_mask, outputs)
-
-
 def test_out_of_memory_batches_are_split_and_nothing_is_lost(tiny_model, texts):
     want = tiny_model.encode(texts, **ALL)
-    limited = M3Model(tiny_model.manifest, _MemoryLimitedBackend(tiny_model.backend, 3), tiny_model.tokenizer)
-    got = limited.encode(texts, **ALL)
-    assert limited.backend.refused > 0
+    backend = FakeBackend(tiny_model.backend, out_of_memory_above=lambda ids: len(ids) > 3)
+    got = M3Model(tiny_model.manifest, backend, tiny_model.tokenizer).encode(texts, **ALL)
+    assert backend.refused > 0 and max(rows for rows, _ in backend.calls) > 3
     # Re-padding a split batch may move results by float32 round-off only.
     assert_outputs(got, want)
 
@@ -120,17 +104,11 @@ def test_out_of_memory_batches_are_split_and_nothing_is_lost(tiny_model, texts):
 def test_other_backend_errors_are_not_retried(tiny_model):
     from m3rt import BackendError
 
-    class Broken:
-        name = "broken"
-        calls = 0
-
-        def run(self, *args):
-            Broken.calls += 1
-            raise BackendError("provider exploded: out of memory?")  # only the type decides a retry
-
+    # Only the type decides a retry, whatever the text says.
+    backend = FakeBackend(tiny_model.backend, fail_on_call=1, error=BackendError("provider exploded: out of memory?"))
     with pytest.raises(BackendError, match="provider exploded"):
-        M3Model(tiny_model.manifest, Broken(), tiny_model.tokenizer).encode(["a", "b", "c"])
-    assert Broken.calls == 1
+        M3Model(tiny_model.manifest, backend, tiny_model.tokenizer).encode(["a", "b", "c"])
+    assert len(backend.calls) == 1
 
 
 def test_text_that_is_not_valid_unicode_is_an_input_error(tiny_model):
@@ -138,23 +116,8 @@ def test_text_that_is_not_valid_unicode_is_an_input_error(tiny_model):
         tiny_model.encode(["fine", "a\ud800b", "also fine"])
 
 
-class _Closable:
-    """A backend that records being closed (what CUDA and TensorRT backends release there)."""
-
-    name = "closable"
-
-    def __init__(self, inner):
-        self.inner, self.closed = inner, 0
-
-    def run(self, input_ids, attention_mask, outputs):
-        return self.inner.run(input_ids, attention_mask, outputs)
-
-    def close(self):
-        self.closed += 1
-
-
 def test_close_and_context_manager_release_the_backend(tiny_model):
-    backend = _Closable(tiny_model.backend)
+    backend = FakeBackend(tiny_model.backend)
     with M3Model(tiny_model.manifest, backend, tiny_model.tokenizer) as model:
         assert model.encode("hello")["dense_vecs"].shape == (tiny_model.manifest.hidden_size,)
         assert backend.closed == 0

@@ -32,6 +32,7 @@ from m3rt.postprocess import OutputCollector
 from m3rt.scheduler import pad_batch
 
 import reference_rules
+from fake_backend import FakeBackend
 
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
 
@@ -182,26 +183,12 @@ def test_cuda_allocation_failures_are_typed_whatever_their_text():
     assert unpack((0, 42), str) == 42
 
 
-class _OutOfMemoryAbove:
-    """Raises the backend's own out-of-memory error for batches over `rows` rows, runs the rest."""
-
-    thread_safe = False
-
-    def __init__(self, inner, rows):
-        self.inner, self.rows, self.calls = inner, rows, []
-
-    def run(self, ids, mask, outputs):
-        self.calls.append(ids.shape[0])
-        if ids.shape[0] > self.rows:
-            raise backend_error(RuntimeError("Failed to allocate memory for requested buffer"), ids.shape)
-        return self.inner.run(ids, mask, outputs)
-
-
 def test_an_out_of_memory_batch_is_split_and_nothing_is_lost(tiny_model, texts):
-    backend = _OutOfMemoryAbove(tiny_model.backend, rows=3)
+    backend = FakeBackend(tiny_model.backend, thread_safe=False, out_of_memory_above=lambda ids: len(ids) > 3)
     model = M3Model(tiny_model.manifest, backend, tiny_model.tokenizer)
     got = model.encode(texts, batch_size=16, **ALL)
-    assert max(backend.calls) == 16 and any(n <= 3 for n in backend.calls)
+    rows = [n for n, _ in backend.calls]
+    assert max(rows) == 16 and any(n <= 3 for n in rows)
     want = tiny_model.encode(texts, batch_size=3, **ALL)
     _assert_same(got, want, atol=1e-6)
 

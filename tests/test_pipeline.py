@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 import m3rt.pipeline
-from m3rt import BackendError, BackendOutOfMemory, InputError, InputTooLongError, M3Model
+from m3rt import BackendError, InputError, InputTooLongError, M3Model
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
 from m3rt.postprocess import OutputCollector, colbert_rows, sparse_rows
 from m3rt.scheduler import pad_batch, plan_batches, split_batch, token_lengths
 
 import reference_rules
+from fake_backend import FakeBackend
 from parity import assert_outputs
 
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
@@ -214,19 +215,7 @@ def test_errors_name_the_text_by_its_index_in_the_whole_input(tiny_model, thread
 
 
 def test_backend_errors_keep_their_type_through_the_threads(tiny_model, texts, threaded):
-    class Broken:
-        name = "broken"
-
-        def __init__(self):
-            self.calls = 0
-
-        def run(self, input_ids, attention_mask, outputs):
-            self.calls += 1
-            if self.calls == 3:
-                raise BackendError("provider exploded")
-            return tiny_model.backend.run(input_ids, attention_mask, outputs)
-
-    model = M3Model(tiny_model.manifest, Broken(), tiny_model.tokenizer)
+    model = M3Model(tiny_model.manifest, FakeBackend(tiny_model.backend, fail_on_call=3), tiny_model.tokenizer)
     with pytest.raises(BackendError, match="provider exploded"):
         model.encode(texts, batch_size=2, **ALL)
     assert not pipeline_threads()
@@ -234,28 +223,13 @@ def test_backend_errors_keep_their_type_through_the_threads(tiny_model, texts, t
         model.encode(["a", "b", 3])
 
 
-class _MemoryLimitedBackend:
-    """Refuses batches over `max_tokens` padded tokens as out of memory."""
-
-    name = "memory-limited"
-
-    def __init__(self, inner, max_tokens):
-        self.inner, self.max_tokens, self.refused = inner, max_tokens, 0
-
-    def run(self, input_ids, attention_mask, outputs):
-        if input_ids.size > self.max_tokens:
-            self.refused += 1
-            raise BackendOutOfMemory("ONNX Runtime out of memory: Failed to allocate memory for requested buffer")
-        return self.inner.run(input_ids, attention_mask, outputs)
-
-
 def test_out_of_memory_batches_are_split_in_the_threaded_pipeline(tiny_model, texts, threaded):
     want = tiny_model.encode(texts, batch_size=8, **ALL)
     # Any one text fits; batches of several long ones do not.
     longest = int(token_lengths(tiny_model.tokenizer.encode(texts, max_length=8192).ids).max())
-    limited = M3Model(tiny_model.manifest, _MemoryLimitedBackend(tiny_model.backend, longest), tiny_model.tokenizer)
-    got = limited.encode(texts, batch_size=8, **ALL)
-    assert limited.backend.refused > 0
+    backend = FakeBackend(tiny_model.backend, out_of_memory_above=lambda ids: ids.size > longest)
+    got = M3Model(tiny_model.manifest, backend, tiny_model.tokenizer).encode(texts, batch_size=8, **ALL)
+    assert backend.refused > 0
     # A split batch is re-padded to its own longest text: float32 round-off only.
     assert_outputs(got, want)
 
@@ -263,22 +237,10 @@ def test_out_of_memory_batches_are_split_in_the_threaded_pipeline(tiny_model, te
 # ---------------------------------------------------------------------- concurrent encode
 
 
-class _DeclaredThreadSafety:
-    """The real ORT backend, declared thread-safe or not: M3Model serialises the latter's calls."""
-
-    name = "onnxruntime"
-
-    def __init__(self, inner, thread_safe):
-        self.inner, self.thread_safe = inner, thread_safe
-
-    def run(self, *args):
-        return self.inner.run(*args)
-
-
 @pytest.mark.parametrize("declared_thread_safe", [False, True])
 def test_concurrent_encode_calls_get_exactly_their_own_results(tiny_model, texts, monkeypatch, declared_thread_safe):
     monkeypatch.setattr(m3rt.pipeline, "CHUNK_TEXTS", 9)  # several chunks and threads per call
-    backend = _DeclaredThreadSafety(tiny_model.backend, declared_thread_safe)
+    backend = FakeBackend(tiny_model.backend, thread_safe=declared_thread_safe)
     model = M3Model(tiny_model.manifest, backend, tiny_model.tokenizer)
     rng = random.Random(1)
     jobs = []
@@ -318,35 +280,9 @@ def test_concurrent_encode_calls_get_exactly_their_own_results(tiny_model, texts
     assert not pipeline_threads()
 
 
-class _Observed:
-    """Counts how many `run` calls overlap; with `thread_safe`, two calls must meet inside `run`."""
-
-    name = "observed"
-
-    def __init__(self, inner, thread_safe):
-        self.inner, self.thread_safe = inner, thread_safe
-        self.active = self.most = 0
-        self.lock = threading.Lock()
-        self.meet = threading.Barrier(2, timeout=30)
-
-    def run(self, *args):
-        with self.lock:
-            self.active += 1
-            self.most = max(self.most, self.active)
-        try:
-            if self.thread_safe:
-                self.meet.wait()  # passes only if two runs are inside at once
-            else:
-                time.sleep(0.01)
-            return self.inner.run(*args)
-        finally:
-            with self.lock:
-                self.active -= 1
-
-
 @pytest.mark.parametrize("thread_safe", [False, True])
 def test_backends_run_concurrently_only_when_they_say_they_are_thread_safe(tiny_model, thread_safe):
-    backend = _Observed(tiny_model.backend, thread_safe)
+    backend = FakeBackend(tiny_model.backend, thread_safe=thread_safe, meet=True)
     model = M3Model(tiny_model.manifest, backend, tiny_model.tokenizer)
     threads = [threading.Thread(target=model.encode, args=(["one text"],)) for _ in range(2)]
     for t in threads:
@@ -365,3 +301,14 @@ def test_progress_bar_counts_every_real_token(tiny_model, texts, threaded, capsy
     assert f"{total}/{total}" in capsys.readouterr().err
     tiny_model.encode(texts, batch_size=4)  # small input: no bar unless asked
     assert "m3rt encode" not in capsys.readouterr().err
+
+
+def test_batches_over_a_backends_row_limit_run_in_slices(tiny_model, texts):
+    """What a TensorRT engine's profiles ask for: at most `max_rows(padded length)` rows per run."""
+    want = tiny_model.encode(texts, batch_size=16, **ALL)
+    limit = lambda sequence: 2 if sequence > 32 else 5  # noqa: E731 - a profile per length, as TensorRT's
+    backend = FakeBackend(tiny_model.backend, thread_safe=False, max_rows=limit)
+    got = M3Model(tiny_model.manifest, backend, tiny_model.tokenizer).encode(texts, batch_size=16, **ALL)
+    assert all(rows <= limit(width) for rows, width in backend.calls)
+    assert any(rows == 5 for rows, _ in backend.calls) and any(rows == 2 for rows, _ in backend.calls)
+    assert_outputs(got, want)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from m3rt.core import Capabilities
 from m3rt.errors import ArtifactError, M3Error
 from m3rt.manifest import Manifest
 
@@ -18,6 +19,8 @@ BACKENDS = ("onnxruntime", "tensorrt", "auto")
 
 class Backend(Protocol):
     name: str
+    # What the core may do with it: thread safety, row limits, device-resident outputs.
+    capabilities: Capabilities
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, Any]:
         """Run one padded batch; returns the requested outputs: float32 NumPy arrays, or (GPU backends)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from m3rt.core import Capabilities
 from m3rt.device_array import DeviceArray, DeviceContext, HostPointerKernels
 from m3rt.errors import ArtifactError, BackendError, BackendOutOfMemory, M3Error
 from m3rt.manifest import INPUT_NAMES, OUTPUT_NAMES
@@ -110,14 +111,14 @@ def backend_error(exc: BaseException, shape: tuple[int, ...], where: str = "ONNX
 class OnnxRuntimeBackend:
     """`session.run` with host arrays; any provider list (CPU by default).
 
-    `thread_safe`: ONNX Runtime documents `InferenceSession.run` as safe to call from several threads,
+    Thread-safe (`capabilities`): ONNX Runtime documents `InferenceSession.run` as safe to call from several threads,
     and this backend keeps no per-call state, so concurrent `encode` calls run concurrently.
     `session_config`: ONNX Runtime session config entries (`SessionOptions.add_session_config_entry`).
     `notes`: what the loader wants said about this backend (e.g. the int8 form chosen for this CPU).
     """
 
     name = "onnxruntime"
-    thread_safe = True
+    capabilities = Capabilities(thread_safe=True)
 
     def __init__(
         self,
@@ -254,7 +255,7 @@ class _HostMemory:
 class OnnxRuntimeCudaBackend:
     """ONNX Runtime on one CUDA GPU with IOBinding, device-resident outputs and CUDA graphs.
 
-    `thread_safe = False`: the CUDA-graph buckets own fixed device buffers, and the host->device copy
+    Not thread-safe (`capabilities`): the CUDA-graph buckets own fixed device buffers, and the host->device copy
     uses one stream; `M3Model` runs one batch at a time on it (the GPU runs one at a time anyway).
     Outputs of different calls never share memory, so the post-processing of batch k (in the
     caller's thread) overlaps the run of batch k+1 safely. With CUDA graphs on, every run executes on
@@ -266,7 +267,7 @@ class OnnxRuntimeCudaBackend:
     """
 
     name = "onnxruntime"
-    thread_safe = False
+    capabilities = Capabilities(thread_safe=False, device_outputs=True)
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m3rt.core import Capabilities
 from m3rt.cuda import check, device_description, runtime_api
 from m3rt.errors import ArtifactError, BackendError
 from m3rt.manifest import INPUT_NAMES, EngineInfo
@@ -85,6 +86,8 @@ class TensorRTBackend:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._buffers = {name: _Buffer(cudart) for name in names}
+        # One stream, one context and grow-only buffers: one batch at a time.
+        self.capabilities = Capabilities(thread_safe=False, max_rows=self.max_rows)
 
     def close(self) -> None:
         """Frees the device and pinned buffers and the stream; the backend cannot run afterwards."""
@@ -95,18 +98,15 @@ class TensorRTBackend:
             self._stream = None
         self._context = None
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        k = select_profile(self._profiles, input_ids.shape[1])
-        step = self._profiles[k].max_batch
-        parts = [
-            self._run_chunk(k, input_ids[i : i + step], attention_mask[i : i + step], outputs)
-            for i in range(0, len(input_ids), step)
-        ]
-        return {name: np.concatenate([p[name] for p in parts]) for name in outputs}
+    def max_rows(self, sequence: int) -> int:
+        """The batch size of the optimisation profile that runs this padded length."""
+        return self._profiles[select_profile(self._profiles, sequence)].max_batch
 
-    def _run_chunk(
-        self, k: int, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One batch within its profile's batch size (the core slices larger ones: `max_rows`)."""
+        k = select_profile(self._profiles, input_ids.shape[1])
+        if len(input_ids) > self._profiles[k].max_batch:
+            raise BackendError(f"{len(input_ids)} rows exceed profile {self._profiles[k].name}'s batch")
         cudart, context, engine, stream = self._cudart, self._context, self._engine, self._stream
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from m3rt.cuda import (
+    CAPTURE_GATE,
     INSTALL_HINT,
     as_text,
     check,
@@ -232,7 +233,7 @@ class DeviceKernels:
         log2 = sparse_table_log2(seq_len)
         slots = batch << log2
         cudart = self._cudart
-        with self._lock:
+        with self._lock, CAPTURE_GATE.shared():
             self._activate()
             specials_ptr, num_special = self._upload_specials(special_ids)
             table = self._device("sparse_table", slots * SLOT_BYTES)
@@ -301,7 +302,7 @@ class DeviceKernels:
             return [np.zeros((int(n), dim), dtype) for n in counts]
         out_bytes = total * dim * dtype.itemsize
         offsets_bytes = (batch + 1) * 8
-        with self._lock:
+        with self._lock, CAPTURE_GATE.shared():
             self._activate()
             d_offsets = self._device("colbert_offsets", offsets_bytes)
             d_out = self._device("colbert_out", out_bytes)
@@ -326,7 +327,7 @@ class DeviceKernels:
 
     def close(self) -> None:
         """Free the scratch buffers (the compiled module stays loaded for the process)."""
-        with self._lock:
+        with self._lock, CAPTURE_GATE.shared():
             self._activate()
             for ptr, _ in self._device_buffers.values():
                 self._cudart.cudaFree(ptr)

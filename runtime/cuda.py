@@ -7,7 +7,9 @@ needs the CUDA toolkit to build and is not used.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from m3rt.errors import BackendError, BackendOutOfMemory
@@ -24,6 +26,56 @@ def _cuda_module(name: str, legacy: str):
             return importlib.import_module(f"cuda.{legacy}")
         except ImportError as exc:
             raise BackendError(f"cuda-python is not installed: {INSTALL_HINT}") from exc
+
+
+class CaptureGate:
+    """Keeps m3rt's own CUDA work out of CUDA graph captures, process-wide.
+
+    ONNX Runtime captures a graph in `cudaStreamCaptureModeGlobal`: a CUDA call from any other thread
+    meanwhile (a copy, a kernel launch of the post-processing) invalidates the capture and fails that
+    call. Captures hold the gate exclusively; every other CUDA entry point of m3rt (backend runs,
+    device kernels, device-to-host copies) holds it shared, so a backend built while another pipeline
+    post-processes waits for it, and the other way round. Waiting captures go first.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._capturing = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._capturing or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._capturing or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._capturing = False
+                self._cond.notify_all()
+
+
+CAPTURE_GATE = CaptureGate()
 
 
 def runtime_api():

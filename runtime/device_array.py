@@ -51,12 +51,13 @@ class DeviceArray:
         if out.nbytes and self.device_type == "cpu":
             ctypes.memmove(out.ctypes.data, self.ptr, out.nbytes)
         elif out.nbytes:
-            from m3rt.cuda import check, runtime_api
+            from m3rt.cuda import CAPTURE_GATE, check, runtime_api
 
             cudart = runtime_api()
-            check(cudart.cudaSetDevice(self.device))
-            kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            check(cudart.cudaMemcpy(out.ctypes.data, self.ptr, out.nbytes, kind))
+            with CAPTURE_GATE.shared():
+                check(cudart.cudaSetDevice(self.device))
+                kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+                check(cudart.cudaMemcpy(out.ctypes.data, self.ptr, out.nbytes, kind))
         return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

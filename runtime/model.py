@@ -108,7 +108,8 @@ class M3Model:
         """Load an artifact directory written by `m3-export`.
 
         `backend`: "onnxruntime", "tensorrt" or "auto" (TensorRT when the artifact has an engine of
-        this precision and TensorRT and a GPU are present). `precision`: "fp32", "fp16" or "int8"
+        this precision and TensorRT and a GPU are present; else ONNX Runtime, on CUDA when no device
+        is given and onnxruntime-gpu sees a GPU, except for int8). `precision`: "fp32", "fp16" or "int8"
         (for ONNX Runtime, "int8" is the CPU-fast graph; for TensorRT, the engine built from the
         explicit Q/DQ graph). `verify` checks every file against the manifest's sizes and sha256 first.
         `device`: "cpu" (default) or "cuda" / "cuda:N" for ONNX Runtime CUDA (also chosen when

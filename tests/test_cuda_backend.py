@@ -454,3 +454,121 @@ def test_cuda_fp32_plain_graph_matches_cpu_fp32(fused, texts):
         cuda.encode(texts, batch_size=8, **ALL), M3Model.load(fused).encode(texts, batch_size=8, **ALL)
     )
     assert figures["dense_cos_min"] > 0.99999 and figures["colbert_cos_min"] > 0.9999
+
+
+# ---------------------------------------------------------------------- memory safety of the bound path
+
+
+def _backend_on(device: str, graph, pad_id: int, **options):
+    if device == "cpu":
+        return OnnxRuntimeCudaBackend(graph, device_type="cpu", pad_id=pad_id, **options)
+    return OnnxRuntimeCudaBackend(graph, pad_id=pad_id, **options)
+
+
+def _padded(lengths, pad_id: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = [np.concatenate(([0], rng.integers(5, 200, n - 2), [2])) for n in lengths]
+    return pad_batch(ids, np.arange(len(ids)), pad_id)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_held_outputs_of_a_plain_batch_survive_bucket_replays(fused, device):
+    """A plain batch's device outputs wait for post-processing while later batch-1 queries replay
+    their CUDA graphs: the replays must not write where the held outputs live."""
+    from m3rt.manifest import OUTPUT_NAMES, load_manifest
+
+    manifest = load_manifest(fused)
+    pad_id = manifest.special_tokens["pad"]
+    backend = _backend_on(device, manifest.graph_path("fp16-fused"), pad_id, graph_buckets=(16, 32, 64))
+    batch = _padded([41, 37, 29, 12], pad_id)
+    held = backend.run(batch.input_ids, batch.attention_mask, OUTPUT_NAMES)
+    snapshot = {name: np.array(value) for name, value in held.items()}
+    for n in (9, 20, 31, 60):  # every bucket replays at least once
+        query = _padded([n], pad_id, seed=n)
+        backend.run(query.input_ids, query.attention_mask, OUTPUT_NAMES)
+    for name, value in held.items():
+        assert np.array_equal(np.array(value), snapshot[name]), name
+    # ...and post-processing the held outputs gives what the snapshot gives on the host.
+    collected = OutputCollector(4, manifest.hidden_size, OUTPUT_NAMES, (0, 1, 2, 3))
+    collected.add(batch, held)
+    expected = OutputCollector(4, manifest.hidden_size, OUTPUT_NAMES, (0, 1, 2, 3))
+    expected.add(batch, snapshot)
+    (d1, s1, c1), (d2, s2, c2) = collected.finish(), expected.finish()
+    assert np.array_equal(d1, d2) and s1.to_dicts() == s2.to_dicts()
+    assert all(np.array_equal(a, b) for a, b in zip(c1, c2))
+    backend.close()
+
+
+@pytest.mark.parametrize("rows,length", [(1, 7), (3, 5), (2, 64)])
+def test_both_bound_inputs_are_256_byte_aligned_apart(fused, rows, length):
+    from m3rt.manifest import OUTPUT_NAMES, load_manifest
+
+    manifest = load_manifest(fused)
+    pad_id = manifest.special_tokens["pad"]
+    backend = _backend_on("cpu", manifest.graph_path("fp16-fused"), pad_id, cuda_graph=False)
+    batch = _padded([length] * rows, pad_id)
+    outputs = backend.run(batch.input_ids, batch.attention_mask, OUTPUT_NAMES)
+    context = outputs["sparse_weights"].context
+    assert (context.attention_mask.ptr - context.input_ids.ptr) % 256 == 0
+    assert np.array_equal(context.input_ids.to_host(), batch.input_ids)
+    assert np.array_equal(context.attention_mask.to_host(), batch.attention_mask)
+
+
+@pytest.mark.parametrize("gpu_visible", [True, False])
+def test_auto_backend_picks_onnxruntime_cuda_when_it_can_run(fused, monkeypatch, gpu_visible):
+    import m3rt.backends.onnxruntime as ort_backends
+    from m3rt.backends.base import create_backend
+    from m3rt.manifest import load_manifest
+
+    manifest = load_manifest(fused)
+    made = []
+
+    class Recorded:
+        def __init__(self, graph, **kwargs):
+            made.append((graph.name, kwargs["device_id"]))
+
+    monkeypatch.setattr(ort_backends, "cuda_unavailable_reason", lambda: None if gpu_visible else "no GPU")
+    monkeypatch.setattr(ort_backends, "OnnxRuntimeCudaBackend", Recorded)
+    backend = create_backend("auto", manifest, "fp16")
+    if gpu_visible:
+        assert isinstance(backend, Recorded) and made == [("model.fp16.fused.onnx", 0)]
+    else:
+        assert backend.name == "onnxruntime" and backend.graph_path.name == "model.fp16.onnx" and not made
+    # An explicit device wins, and "onnxruntime" never moves to the GPU by itself.
+    assert create_backend("auto", manifest, "fp16", device="cpu").graph_path.name == "model.fp16.onnx"
+    assert create_backend("onnxruntime", manifest, "fp16").graph_path.name == "model.fp16.onnx"
+
+
+def test_capture_gate_keeps_cuda_work_and_captures_apart():
+    import threading
+
+    from m3rt.cuda import CaptureGate
+
+    gate, events = CaptureGate(), []
+    release_capture = threading.Event()
+
+    def capture():
+        with gate.exclusive():
+            events.append("capture starts")
+            release_capture.wait(5)
+            events.append("capture ends")
+
+    def late_work():
+        with gate.shared():
+            events.append("late work")
+
+    with gate.shared():
+        capturer = threading.Thread(target=capture)
+        capturer.start()
+        capturer.join(timeout=0.1)
+        assert events == []  # the capture waits for CUDA work already running
+        late = threading.Thread(target=late_work)
+        late.start()
+        late.join(timeout=0.1)
+        assert events == []  # ...and new work waits behind the waiting capture
+    capturer.join(timeout=0.1)
+    assert events == ["capture starts"]  # no work runs while capturing
+    release_capture.set()
+    capturer.join(timeout=5)
+    late.join(timeout=5)
+    assert events == ["capture starts", "capture ends", "late work"]

@@ -44,6 +44,16 @@ INT8_CPU_GRAPHS = ("int8", "int8-u8")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
+def _auto_picks_cuda(precision: str, options: dict[str, Any]) -> bool:
+    """`backend="auto"` with no device or providers given: ONNX Runtime CUDA when onnxruntime-gpu
+    can run on a visible GPU (int8 stays on the CPU: its graphs are built for the CPU's kernels)."""
+    if options.get("device") is not None or options.get("providers") or precision == "int8":
+        return False
+    from m3rt.backends.onnxruntime import cuda_unavailable_reason
+
+    return cuda_unavailable_reason() is None
+
+
 def parse_device(device: str | None, providers: Sequence[Any] | None = None) -> tuple[str, int]:
     """("cpu", 0) or ("cuda", index) from "cpu" / "cuda" / "cuda:N"; None means CUDA when the provider
     list asks for CUDAExecutionProvider (its "device_id" option gives the index), else CPU."""
@@ -98,6 +108,8 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
         raise ArtifactError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "auto":
         name = "tensorrt" if precision in manifest.engine_names and _tensorrt_usable() else "onnxruntime"
+        if name == "onnxruntime" and _auto_picks_cuda(precision, options):
+            options = {**options, "device": "cuda"}
     if name == "tensorrt":
         from m3rt.backends.tensorrt import TensorRTBackend
 

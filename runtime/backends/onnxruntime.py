@@ -340,21 +340,25 @@ class OnnxRuntimeCudaBackend:
         self._worker: ThreadPoolExecutor | None = None
         if cuda_graph and (self.cuda_graph or device_type == "cpu"):
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3rt-onnxruntime")
-            for graph_id, length in enumerate(sorted({int(b) for b in graph_buckets if int(b) >= 2}), start=1):
-                self._buckets[length] = _GraphBucket(self, length, graph_id)
-            # Capture every graph now, not on the first query of each length: ONNX Runtime captures in
-            # cudaStreamCaptureModeGlobal, where CUDA calls from other threads (the pipeline's post-
-            # processing kernels of the previous batch) would invalidate the capture. Replays are safe.
+            # Graphs are an optimisation: whatever fails while setting them up (a symbolic output
+            # dimension, a bucket buffer that does not fit, a refused capture) turns them off and the
+            # plain session runs everything.
             try:
+                for graph_id, length in enumerate(sorted({int(b) for b in graph_buckets if int(b) >= 2}), start=1):
+                    self._buckets[length] = _GraphBucket(self, length, graph_id)
+                # Capture every graph now, not on the first query of each length: ONNX Runtime captures
+                # in cudaStreamCaptureModeGlobal, where CUDA calls from other threads (the pipeline's
+                # post-processing kernels of the previous batch) would invalidate the capture.
                 self.warmup()
             except Exception as exc:
-                if device_type != "cuda" or isinstance(exc, BackendOutOfMemory) or is_out_of_memory_text(str(exc)):
+                if device_type != "cuda":
                     raise
-                self.notes.append(f"CUDA graphs off: capture failed: {exc}")
+                self.notes.append(f"CUDA graphs off: setting them up failed: {exc}")
                 self._buckets.clear()
                 self._worker.shutdown(wait=True)
                 self._worker = None
                 self.cuda_graph = False
+                self._session = None  # release the graph session's memory before the plain one loads
                 self._session = self._create_session(base)
                 self._plain_run = ort.RunOptions()
 
@@ -398,7 +402,9 @@ class OnnxRuntimeCudaBackend:
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         shape = tuple(input_ids.shape)
-        with self._lock:
+        from m3rt.cuda import CAPTURE_GATE
+
+        with self._lock, CAPTURE_GATE.shared():
             try:
                 return self._on_worker(self._run, input_ids, attention_mask, outputs)
             except M3Error:
@@ -425,26 +431,45 @@ class OnnxRuntimeCudaBackend:
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, self.device_id)
 
     def _upload_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, buffer: Any = None) -> Any:
-        """Both inputs in one int64 [2, B, S] device buffer: one allocation and one copy per batch.
+        """Both inputs in one int64 device buffer, [2, stride]: one allocation and one copy per batch.
 
-        A fresh buffer per batch (from ONNX Runtime's arena, so no cudaMalloc in steady state) rather
-        than one reused buffer: the device kernels read this batch's ids and mask after `run` has
-        returned, while the next batch is already being copied.
+        The mask starts `_input_stride` elements in, a multiple of 256 bytes, so both inputs are as
+        aligned as separately allocated buffers whatever B x S is. A fresh buffer per batch (from ONNX
+        Runtime's allocator, so no cudaMalloc in steady state) rather than one reused buffer: the device
+        kernels read this batch's ids and mask after `run` has returned, while the next batch is
+        already being copied.
         """
-        host = np.ascontiguousarray(np.stack((input_ids, attention_mask)), dtype=np.int64)
+        count = input_ids.size
+        host = np.zeros((2, _input_stride(count)), dtype=np.int64)
+        host[0, :count], host[1, :count] = input_ids.ravel(), attention_mask.ravel()
         if buffer is None:
             buffer = self._new_buffer(host.shape, np.int64)
+        elif tuple(buffer.shape()) != host.shape:  # a bucket's fixed buffer: never write past it
+            raise BackendError(f"input buffer {tuple(buffer.shape())} cannot hold {host.shape}")
         self._memory.upload(int(buffer.data_ptr()), host)
         return buffer
 
     def _bind_inputs(self, io: Any, buffer: Any, shape: tuple[int, int]) -> tuple[DeviceArray, DeviceArray]:
         ptr = int(buffer.data_ptr())
-        half = int(np.prod(shape)) * 8
+        offset = _input_stride(int(np.prod(shape))) * 8
         arrays = []
         for k, name in enumerate(INPUT_NAMES):
-            io.bind_input(name, self.device_type, self.device_id, np.int64, list(shape), ptr + k * half)
-            arrays.append(DeviceArray(ptr + k * half, shape, np.int64, self.device_id, self.device_type, owner=buffer))
+            address = ptr + k * offset
+            io.bind_input(name, self.device_type, self.device_id, np.int64, list(shape), address)
+            arrays.append(DeviceArray(address, shape, np.int64, self.device_id, self.device_type, owner=buffer))
         return arrays[0], arrays[1]
+
+    def _output_shape(self, name: str, batch: int, length: int) -> list[int]:
+        if name == "sparse_weights":
+            return [batch, length]
+        feature = self._output_dims[name][-1]
+        if not isinstance(feature, int):
+            raise ArtifactError(f"{name} has a symbolic last dimension {feature!r}; expected the vector size")
+        return [batch, length - 1, feature] if name == "colbert_vecs" else [batch, feature]
+
+    def _new_output(self, name: str, batch: int, length: int) -> Any:
+        dtype = np.float16 if self._output_types[name] == "tensor(float16)" else np.float32
+        return self._new_buffer(self._output_shape(name, batch, length), dtype)
 
     def _run_plain(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
@@ -454,10 +479,14 @@ class OnnxRuntimeCudaBackend:
         io = self._session.io_binding()
         buffer = self._upload_inputs(input_ids, attention_mask)
         ids_dev, mask_dev = self._bind_inputs(io, buffer, tuple(input_ids.shape))
-        for name in outputs:
-            io.bind_output(name, self.device_type, self.device_id)
+        # Outputs in buffers of our own, from ONNX Runtime's per-device allocator (as the inputs), not
+        # from the session's arena: the arena also holds what the captured CUDA graphs use, and a
+        # graph replay writes to its captured addresses whether or not the arena has since handed
+        # them out. Outputs held for post-processing must never be one of those addresses.
+        values = [self._new_output(name, *input_ids.shape) for name in outputs]
+        for name, value in zip(outputs, values):
+            io.bind_ortvalue_output(name, value)
         self._session.run_with_iobinding(io, self._plain_run)
-        values = io.get_outputs()  # in binding order
         context = None
         if self._kernels is not None:
             context = DeviceContext(self._kernels, ids_dev, mask_dev, self._memory.post_stream, self.colbert_fp16)
@@ -487,7 +516,9 @@ class OnnxRuntimeCudaBackend:
             for bucket in self._buckets.values():
                 bucket.warmup()
 
-        with self._lock:
+        from m3rt.cuda import CAPTURE_GATE
+
+        with self._lock, CAPTURE_GATE.exclusive():
             self._on_worker(warm)
 
     def close(self) -> None:
@@ -500,6 +531,12 @@ class OnnxRuntimeCudaBackend:
                 self._kernels.close()
             self._kernels = None
             self._memory.close()
+
+
+def _input_stride(count: int) -> int:
+    """Elements from the start of the ids to the start of the mask: `count` rounded up to 32 int64s
+    (256 bytes, the alignment CUDA's own allocations have)."""
+    return -(-count // 32) * 32
 
 
 class _GraphBucket:
@@ -526,25 +563,16 @@ class _GraphBucket:
     def __init__(self, backend: OnnxRuntimeCudaBackend, length: int, graph_id: int) -> None:
         self.backend, self.length, self.graph_id = backend, length, graph_id
         self.io = backend._session.io_binding()
-        self.inputs = backend._new_buffer([2, 1, length], np.int64)
+        self.inputs = backend._new_buffer([2, _input_stride(length)], np.int64)
         backend._bind_inputs(self.io, self.inputs, (1, length))
         self.outputs: dict[str, Any] = {}
         for name in OUTPUT_NAMES:
-            dtype = np.float16 if backend._output_types[name] == "tensor(float16)" else np.float32
-            value = backend._new_buffer(self._output_shape(name), dtype)
+            value = backend._new_output(name, 1, length)
             self.io.bind_ortvalue_output(name, value)
             self.outputs[name] = value
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self.runs = 0
-
-    def _output_shape(self, name: str) -> list[int]:
-        if name == "sparse_weights":
-            return [1, self.length]
-        feature = self.backend._output_dims[name][-1]
-        if not isinstance(feature, int):
-            raise ArtifactError(f"{name} has a symbolic last dimension {feature!r}; expected the vector size")
-        return [1, self.length - 1, feature] if name == "colbert_vecs" else [1, feature]
 
     def warmup(self) -> None:
         # ONNX Runtime runs a few regular runs per graph id before it captures (allocations happen

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from m3rt.core import Capabilities
-from m3rt.cuda import check, device_description, runtime_api
+from m3rt.cuda import CAPTURE_GATE, check, device_description, runtime_api
 from m3rt.errors import ArtifactError, BackendError
 from m3rt.manifest import INPUT_NAMES, EngineInfo
 from m3rt.profiles import Profile, select_profile
@@ -79,7 +79,9 @@ class TensorRTBackend:
         if engine is None:
             raise ArtifactError(f"TensorRT cannot deserialise {plan_path}")
         self._trt, self._runtime, self._engine = trt, runtime, engine
-        self._context = engine.create_execution_context()
+        # Activation memory sized for the active profile, reallocated when the profile changes, rather
+        # than for the largest (8192-token) profile up front: a server mostly runs short batches.
+        self._context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
         self._stream = check(cudart.cudaStreamCreate())
         self._profiles = [Profile(p["name"], p["max"][0], p["max"][1], p["min"][1]) for p in info.profiles]
         self._active_profile = -1
@@ -104,6 +106,10 @@ class TensorRTBackend:
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """One batch within its profile's batch size (the core slices larger ones: `max_rows`)."""
+        with CAPTURE_GATE.shared():  # no CUDA call of ours while another backend captures a graph
+            return self._run(input_ids, attention_mask, outputs)
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         k = select_profile(self._profiles, input_ids.shape[1])
         if len(input_ids) > self._profiles[k].max_batch:
             raise BackendError(f"{len(input_ids)} rows exceed profile {self._profiles[k].name}'s batch")

@@ -201,7 +201,7 @@ def step_environment(run: Run) -> dict[str, Any]:
         env["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     except Exception as exc:  # noqa: BLE001
         env["nvidia_smi"] = f"unavailable ({exc})"
-    from m3rt.backends.onnxruntime import cuda_unavailable_reason
+    from m3rt.backends.onnxruntime_cuda import cuda_unavailable_reason
 
     env["ort_cuda_unavailable_reason"] = cuda_unavailable_reason()
     run.results["environment"] = env
@@ -290,7 +290,7 @@ def step_kernels(run: Run) -> dict[str, Any]:
 def _m3rt_model(run: Run, cuda_graph: bool, **backend_options: Any) -> Any:
     """The served model: ONNX Runtime CUDA on the fused fp16 graph (dry run: the same IOBinding code
     on ONNX Runtime CPU, host memory)."""
-    from m3rt.backends.onnxruntime import OnnxRuntimeCudaBackend
+    from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend
     from m3rt.model import M3Model
     from m3rt.tokenizer import M3Tokenizer
 
@@ -647,7 +647,7 @@ def _kernel_profile(model: Any) -> dict[str, Any]:
 def step_variants(run: Run) -> dict[str, Any]:
     """Plain fp16 vs fused fp16 graph, model only (the reason the fused graph is the served one)."""
     _need_gpu(run)
-    from m3rt.backends.onnxruntime import OnnxRuntimeCudaBackend
+    from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend
 
     manifest = run.shared["manifest"]
     out: dict[str, Any] = {}

@@ -18,12 +18,8 @@ import pytest
 
 from m3rt import ArtifactError, BackendError, BackendOutOfMemory, M3Model
 from m3rt.backends.base import parse_device, select_graph
-from m3rt.backends.onnxruntime import (
-    OnnxRuntimeBackend,
-    OnnxRuntimeCudaBackend,
-    backend_error,
-    cuda_unavailable_reason,
-)
+from m3rt.backends.onnxruntime import OnnxRuntimeBackend, backend_error
+from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend, cuda_unavailable_reason
 from m3rt.device_array import DeviceArray, DeviceContext, HostPointerKernels
 from m3rt.export.artifact import ExportOptions, export_artifact
 from m3rt.export.validate import Tolerance
@@ -516,7 +512,7 @@ def test_both_bound_inputs_are_256_byte_aligned_apart(fused, rows, length):
 
 @pytest.mark.parametrize("gpu_visible", [True, False])
 def test_auto_backend_picks_onnxruntime_cuda_when_it_can_run(fused, monkeypatch, gpu_visible):
-    import m3rt.backends.onnxruntime as ort_backends
+    import m3rt.backends.onnxruntime_cuda as ort_backends
     from m3rt.backends.base import create_backend
     from m3rt.manifest import load_manifest
 

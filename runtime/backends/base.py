@@ -49,7 +49,7 @@ def _auto_picks_cuda(precision: str, options: dict[str, Any]) -> bool:
     can run on a visible GPU (int8 stays on the CPU: its graphs are built for the CPU's kernels)."""
     if options.get("device") is not None or options.get("providers") or precision == "int8":
         return False
-    from m3rt.backends.onnxruntime import cuda_unavailable_reason
+    from m3rt.backends.onnxruntime_cuda import cuda_unavailable_reason
 
     return cuda_unavailable_reason() is None
 
@@ -124,7 +124,7 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
     device, device_id = parse_device(options.get("device"), providers)
     graph = select_graph(manifest, precision, device)
     if device == "cuda":
-        from m3rt.backends.onnxruntime import OnnxRuntimeCudaBackend
+        from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend
 
         cuda_options: dict[str, Any] = {}
         for p in providers or ():

@@ -360,8 +360,14 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
 
             for warning in fused.warnings:
                 tqdm.write(f"m3-export: {FILE_NAME}: {warning}", file=sys.stderr)
-            fidelity = _Variants(staging, manifest, opts).measure(GRAPH_KEY, staging / FILE_NAME)
-            fidelity["measured_on"] = "ONNX Runtime CPU; the CUDA kernels' figures: benchmarks/gpu_check.py"
+            fidelity = _Variants(staging, manifest, opts).measure(
+                GRAPH_KEY,
+                staging / FILE_NAME,
+                measured_on={
+                    "cpu": int8_kernel().cpu,
+                    "arithmetic": "ONNX Runtime CPU (the CUDA kernels' own deviation: benchmarks/gpu_check.py)",
+                },
+            )
             manifest["graphs"][GRAPH_KEY] = entry(fused.files, "fp16", **fused.manifest_fields(), fidelity=fidelity)
 
         if _want_engines(opts):

@@ -165,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fid['sparse_jaccard']:.3f}, max weight err {fid['sparse_weight_max_abs_err']:.4f}"
                 f"{'' if fid['passed'] else '  [BELOW GATE, kept: --allow-degraded]'}"
             )
-            if "measured_on" in fid:
-                on = fid["measured_on"]
-                print(f"  measured on {on['cpu']}: {on.get('kernel') or on.get('arithmetic')}; {on.get('graph', '')}")
+            on = fid.get("measured_on")
+            if isinstance(on, dict):
+                print(f"  measured on {on.get('cpu', '?')}: {on.get('kernel') or on.get('arithmetic')}", end="")
+                print(f"; {on['graph']}" if on.get("graph") else "")
     for engine in manifest.get("engines", {}).values():
         print(
             f"{engine['file']}: TensorRT {engine['tensorrt_version']} on {engine['gpu']}, "

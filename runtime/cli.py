@@ -69,7 +69,7 @@ def _inspect(args: argparse.Namespace) -> int:
             )
         if graph.measured_on:
             on = graph.measured_on
-            quality.append(f"measured on {on['cpu']} ({on.get('kernel') or on.get('arithmetic')})")
+            quality.append(f"measured on {on.get('cpu', '?')} ({on.get('kernel') or on.get('arithmetic')})")
         print(f"graph    {graph.name}: {graph.file} for {', '.join(graph.backends)}; {'; '.join(quality)}")
     if manifest.has_graph("int8") or manifest.has_graph("int8-u8"):
         from m3rt.int8_kernel import int8_kernel

@@ -126,7 +126,10 @@ class GraphInfo:
     @property
     def measured_on(self) -> dict[str, Any] | None:
         """Where and in what arithmetic the fidelity figures were measured (None: not recorded)."""
-        return (self.fidelity or {}).get("measured_on")
+        measured = (self.fidelity or {}).get("measured_on")
+        if isinstance(measured, str):  # older artifacts recorded a sentence
+            return {"arithmetic": measured}
+        return measured
 
     @property
     def gate(self) -> dict[str, float] | None:

@@ -26,8 +26,12 @@ def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
 
 
 def test_export_and_bench_verbs_are_m3_export_and_m3_bench(tiny, tmp_path, capsys):
-    assert main(["export", "--model", str(tiny[0]), "-o", str(tmp_path / "a")]) == 0
-    assert json.loads((tmp_path / "a" / "m3rt.json").read_text())["graphs"]["fp32"]["validation"]
+    assert main(["export", "--model", str(tiny[0]), "-o", str(tmp_path / "a"), "--fp16", "--fused", "--int8"]) == 0
+    graphs = json.loads((tmp_path / "a" / "m3rt.json").read_text())["graphs"]
+    assert graphs["fp32"]["validation"] and set(graphs) >= {"fp16", "fp16-fused", "int8", "int8-u8", "int8-qdq"}
+    assert "measured on " in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    assert "graph    fp16-fused: model.fp16.fused.onnx" in capsys.readouterr().out
     quick = ["--no-reference", "--lengths", "16", "--texts", "3", "--repeats", "1", "--warmup", "0"]
     quick += ["--max-seconds", "1", "--throughput-runs", "1", "--distributions", "queries"]
     assert main(["bench", str(tmp_path / "a"), "-o", str(tmp_path / "bench"), *quick]) == 0

@@ -71,7 +71,7 @@ def test_fused_graph_is_in_the_manifest_for_cuda_only(fused):
     tol = Tolerance()
     for head in entry["validation"]["heads"].values():
         assert head["max_abs_diff"] <= tol.max_abs_diff and head["min_cosine"] >= tol.min_cosine
-    assert entry["fidelity"]["passed"] and "gpu_check" in entry["fidelity"]["measured_on"]
+    assert entry["fidelity"]["passed"] and "gpu_check" in entry["fidelity"]["measured_on"]["arithmetic"]
 
 
 def test_fused_file_is_fp16_with_the_fused_ops(fused):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, PreTrainedTokenizerFast
 
 from m3rt import M3Model
 
@@ -23,7 +23,10 @@ def _heads(ckpt, hidden):
 
 @torch.no_grad()
 def pytorch_encode(ckpt, texts, max_length):
-    tok = AutoTokenizer.from_pretrained(ckpt)
+    # The checkpoint's tokenizer.json as transformers' fast tokenizer loads it, which is what
+    # FlagEmbedding (transformers 4) runs. Transformers 5's XLMRobertaTokenizer rebuilds the pipeline
+    # itself and encodes a whitespace-only text as [<s>, </s>], without the "▁" token.
+    tok = PreTrainedTokenizerFast.from_pretrained(ckpt)
     encoder = AutoModel.from_pretrained(ckpt).float().eval()
     colbert_linear, sparse_linear = _heads(ckpt, encoder.config.hidden_size)
     dense, lexical, colbert = [], [], []

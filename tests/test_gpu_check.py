@@ -19,10 +19,13 @@ def test_dry_run_runs_every_cpu_step_and_writes_the_report(tiny, tmp_path, capsy
     steps = results["steps"]
     for name in ("environment", "export", "load", "fidelity", "latency", "throughput", "documents", "profile"):
         assert steps[name]["status"] == "ok", (name, steps[name])
+    assert list(steps)[:3] == ["environment", "kernels", "export"]  # no artifact needed first
     for name in ("kernels", "variants", "gpu_tests"):
         assert steps[name]["status"] == "skipped"
     assert steps["export"]["fused_operators"]["Attention"] == 2
     assert steps["fidelity"]["device_vs_host_postprocess_exact"] is True
+    assert steps["fidelity"]["held_outputs_intact_across_replays"] is True
+    assert "fused_fp16_vs_fp32_on_ort_cpu" not in steps["export"]  # lean: nothing measured for the CPU
     assert steps["fidelity"]["m3rt_fused_fp16_vs_pytorch_fp32"]["passed"]
     assert steps["latency"]["tokens"] == [16]
     assert steps["profile"]["h2d_bytes"] > 0 and steps["profile"]["postprocess_s"] > 0

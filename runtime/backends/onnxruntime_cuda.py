@@ -19,8 +19,9 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,7 @@ class OnnxRuntimeCudaBackend:
             # gpu_graph_id=-1: this run neither captures nor replays (onnxruntime_run_options_config_keys.h).
             self._plain_run.add_run_config_entry("gpu_graph_id", "-1")
         self._buckets: dict[int, _GraphBucket] = {}
+        self._graphs_paused = False
         # ONNX Runtime's CUDA EP keeps captured graphs per thread (its PerThreadContext), and with graphs
         # enabled it never releases a thread's context: a graph captured in one thread does not replay
         # in another, and every new thread that runs the session (the pipeline starts a backend thread
@@ -313,8 +315,27 @@ class OnnxRuntimeCudaBackend:
             return bucket.run(input_ids, attention_mask, outputs)
         return self._run_plain(input_ids, attention_mask, outputs)
 
+    @property
+    def graph_buckets(self) -> dict[int, int]:
+        """Bucket length -> how many queries its CUDA graph has run (warm-up included)."""
+        return {length: bucket.runs for length, bucket in sorted(self._buckets.items())}
+
+    @property
+    def device_postprocess(self) -> bool:
+        return self._kernels is not None
+
+    @contextmanager
+    def graphs_off(self) -> Iterator[None]:
+        """Within: every batch runs as a plain run of the same session (`gpu_graph_id=-1`), the
+        baseline a CUDA graph is measured against."""
+        self._graphs_paused = True
+        try:
+            yield
+        finally:
+            self._graphs_paused = False
+
     def _bucket_for(self, input_ids: np.ndarray) -> _GraphBucket | None:
-        if not self._buckets or input_ids.shape[0] != 1:
+        if not self._buckets or self._graphs_paused or input_ids.shape[0] != 1:
             return None
         fits = [length for length in self._buckets if length >= input_ids.shape[1]]
         return self._buckets[min(fits)] if fits else None

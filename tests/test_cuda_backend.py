@@ -86,7 +86,7 @@ def test_fused_file_is_fp16_with_the_fused_ops(fused):
 
 def test_the_cpu_never_runs_the_cuda_only_graph(fused):
     model = M3Model.load(fused, precision="fp16")
-    assert model.backend._session._model_path.endswith("model.fp16.onnx")  # the plain fp16 graph
+    assert model.backend.graph_path.name == "model.fp16.onnx"  # the plain fp16 graph
     with pytest.raises(ArtifactError, match="built for ONNX Runtime's CUDAExecutionProvider"):
         M3Model.load(fused, precision="fp16-fused")
     manifest = model.manifest
@@ -217,10 +217,10 @@ def test_iobinding_path_matches_session_run(iobinding_models, texts):
 def test_padded_buckets_give_the_unpadded_outputs(iobinding_models):
     bound, plain = iobinding_models
     backend = bound.backend
-    before = {k: b.runs for k, b in backend._buckets.items()}
+    before = backend.graph_buckets
     for text in ("hi", "BGE-M3 is an embedding model", "word " * 12, "word " * 40):
         _assert_same(bound.encode([text], **ALL), plain.encode([text], **ALL))
-    ran = {k: b.runs - before[k] for k, b in backend._buckets.items()}
+    ran = {k: runs - before[k] for k, runs in backend.graph_buckets.items()}
     assert ran[8] >= 1 and ran[16] >= 1 and ran[32] >= 1  # each bucket served one query; the longest none
 
 
@@ -273,7 +273,7 @@ def test_host_post_processing_when_device_post_processing_is_off(fused, iobindin
     ids = np.array([[0, 5, 6, 2]], dtype=np.int64)
     out = backend.run(ids, np.ones_like(ids), ("sparse_weights", "colbert_vecs"))
     assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in out.values())
-    assert backend._buckets == {}
+    assert backend.graph_buckets == {}
 
 
 @pytest.mark.parametrize("device_postprocess", [True, False])
@@ -401,12 +401,12 @@ def test_cuda_graph_buckets_match_the_plain_cuda_path(fused):
     plain = M3Model.load(fused, precision="fp16", device="cuda", backend_options={"cuda_graph": False})
     assert graphs.backend.cuda_graph, graphs.backend.notes
     queries = ["hi", "BGE-M3 is an embedding model", "word " * 40, "word " * 200]
-    captured = sum(b.runs for b in graphs.backend._buckets.values())  # the graphs were captured at load
-    assert captured == 3 * len(graphs.backend._buckets)
+    captured = sum(graphs.backend.graph_buckets.values())  # the graphs were captured at load
+    assert captured == 3 * len(graphs.backend.graph_buckets)
     for _ in range(4):  # replays
         got = graphs.encode(queries, batch_size=1, **ALL)
     lengths = [len(x) for x in graphs.tokenizer.encode(queries, max_length=8192).ids]
-    assert sum(b.runs for b in graphs.backend._buckets.values()) - captured == 4 * sum(n <= 64 for n in lengths)
+    assert sum(graphs.backend.graph_buckets.values()) - captured == 4 * sum(n <= 64 for n in lengths)
     figures = compare_outputs(got, plain.encode(queries, batch_size=1, **ALL))
     assert figures["dense_cos_min"] > 0.9999 and figures["colbert_cos_min"] > 0.999, figures
 

@@ -1,6 +1,7 @@
 """FP16 and INT8 variants on the tiny model: they run on ONNX Runtime CPU within their gates."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -164,19 +165,29 @@ def test_saturating_cpu_is_served_the_u8_graph(variants, monkeypatch, recwarn):
 
 
 def test_graph_without_a_gate_for_this_arithmetic_is_validated_at_load(tiny, tmp_path, monkeypatch):
+    from m3rt.export.samples import sample_texts
+
     out = tmp_path / "a"
     export_artifact(ExportOptions(model=str(tiny[0]), output=out, int8=True, int8_forms=("cpu",)))
     exact_here = int8_kernel().u8s8_exact
     _pretend_saturating_cpu(monkeypatch)
     refused = "misses its accuracy gate on this CPU.*model.int8.u8.onnx"
     with pytest.warns(UserWarning, match="validating it on this CPU against the fp32 graph first"):
-        if exact_here:  # the arithmetic underneath is exact: the validation passes
+        try:
             model = M3Model.load(out, precision="int8")
-            assert model.backend.graph_path.name == "model.int8.onnx"
-            assert any("validated on this CPU at load" in note for note in model.backend.notes)
-        else:  # really saturating: the tiny model's sparse top-10 falls under its gate (0.896 on AVX2)
-            with pytest.raises(ArtifactError, match=refused):
-                M3Model.load(out, precision="int8")
+        except ArtifactError as exc:  # only where the sums really saturate (the tiny model sits near its gate)
+            assert not exact_here and re.search(refused, str(exc)), exc
+            model = None
+    if model is not None:
+        assert model.backend.graph_path.name == "model.int8.onnx"
+        assert any("validated on this CPU at load" in note for note in model.backend.notes)
+        # What it serves meets the recorded gate, measured here independently of the load's check.
+        texts = sample_texts()
+        figures = compare_outputs(
+            model.encode(texts, batch_size=8, max_length=512, **ALL),
+            M3Model.load(out).encode(texts, batch_size=8, max_length=512, **ALL),
+        )
+        assert not Gate(0.99, 0.98, 0.9).failures(figures), figures
 
     manifest = json.loads((out / "m3rt.json").read_text())
     manifest["graphs"]["int8"]["fidelity"]["gate"]["dense_cos_min"] = 1.01  # a gate nothing meets

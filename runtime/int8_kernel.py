@@ -19,8 +19,10 @@ differently, cannot fool it; the CPUID name (`isa`) only labels what was measure
 
 from __future__ import annotations
 
+import base64
 import functools
 import platform
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,18 +98,18 @@ def isa_name(flags: frozenset[str]) -> str:
     return "baseline" if flags else "unknown"
 
 
-def _probe_model(k: int) -> bytes:
-    from onnx import TensorProto, helper, numpy_helper
+# The probe graph, serialised (zlib + base64) so that the runtime needs no `onnx` package: one
+# MatMulInteger of uint8 a [M, 256] by a constant int8 b [256, 8] of 127s, int32 out, opset 17,
+# IR version 8. `tests/test_int8_kernel.py` rebuilds it with onnx and checks these bytes.
+PROBE_K = 256
+PROBE_MODEL = (
+    "eNrj4LC6K8AlwcWYyMWYJMRYqcTrm1jiW5rjmVeSmp5aJMRValFsEV9QlJ+UqtUrwNHAxMEhwOzEmOTVIFA/CkbBKBgFo2AUjIIRB6KEgK0G"
+    "IV4ubg4mIXYuBi5mYOsgSZCLsVKIh4uLg02IDSgGbC44sXAxCAgCAJheCtw="
+)
 
-    weight = np.full((k, 8), 127, np.int8)
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
-        "u8s8_probe",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, k])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, 8])],
-        [numpy_helper.from_array(weight, "b")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+def probe_model_bytes() -> bytes:
+    return zlib.decompress(base64.b64decode(PROBE_MODEL))
 
 
 @functools.cache
@@ -119,13 +121,12 @@ def probe_u8s8_exact() -> bool:
     """
     import onnxruntime as ort
 
-    k = 256
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(_probe_model(k), options, providers=["CPUExecutionProvider"])
-    a = np.full((16, k), 255, np.uint8)
+    session = ort.InferenceSession(probe_model_bytes(), options, providers=["CPUExecutionProvider"])
+    a = np.full((16, PROBE_K), 255, np.uint8)
     got = session.run(None, {"a": a})[0]
-    return bool(np.all(got == k * 255 * 127))
+    return bool(np.all(got == PROBE_K * 255 * 127))
 
 
 @dataclass(frozen=True)

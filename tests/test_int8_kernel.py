@@ -74,3 +74,29 @@ def test_emulated_avx2_cpu_saturates_int8_weights_but_not_their_u8_twin(tmp_path
     assert errors["two_term"] > 10 * errors["two_term_u8"] and errors["two_term_u8"] < 5e-4
     # ...and equal this (native) CPU's exact arithmetic up to float rounding.
     assert np.isclose(errors["two_term_u8"], gemm_errors(tmp_path)["two_term_u8"], rtol=1e-3)
+
+
+def test_probe_graph_is_the_one_gemm_it_says_it_is():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from m3rt.int8_kernel import PROBE_K, probe_model_bytes
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "u8s8_probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, PROBE_K])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, 8])],
+        [numpy_helper.from_array(np.full((PROBE_K, 8), 127, np.int8), "b")],
+    )
+    want = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert onnx.load_from_string(probe_model_bytes()) == want
+
+
+def test_runtime_probe_needs_no_onnx_package(tmp_path):
+    code = (
+        "import sys; sys.modules['onnx'] = None; "  # what `import onnx` sees where it is not installed
+        "from m3rt.int8_kernel import int8_kernel; print(int8_kernel().u8s8_exact)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(probe_u8s8_exact())

@@ -363,7 +363,6 @@ def _factory(run: Run) -> Any:
 def step_fidelity(run: Run) -> dict[str, Any]:
     from m3rt.export.samples import sample_texts
     from m3rt.fidelity import DEFAULT_GATES, compare_outputs
-    from m3rt.postprocess import OutputCollector
     from m3rt.scheduler import pad_batch
 
     model = run.shared["m3rt"]
@@ -392,20 +391,7 @@ def step_fidelity(run: Run) -> dict[str, Any]:
     from m3rt.device_array import DeviceArray
 
     host = {k: v.to_host() if isinstance(v, DeviceArray) else v for k, v in values.items()}
-    finished = []
-    for vals in (values, host):
-        collector = OutputCollector(len(ids), model.manifest.hidden_size, OUTPUTS, model.unused_ids)
-        collector.add(batch, vals)
-        finished.append(collector.finish())
-    (d1, s1, c1), (d2, s2, c2) = finished
-    exact = (
-        np.array_equal(d1, d2)
-        and np.array_equal(s1.indptr, s2.indptr)
-        and np.array_equal(s1.indices, s2.indices)
-        and np.array_equal(s1.values.view(np.uint32), s2.values.view(np.uint32))
-        and all(np.array_equal(a, b) for a, b in zip(c1, c2))
-    )
-    out["device_vs_host_postprocess_exact"] = bool(exact)
+    out["device_vs_host_postprocess_exact"] = _postprocessed_identically(model, batch, values, host)
     out["device_arrays_returned"] = sorted(k for k, v in values.items() if isinstance(v, DeviceArray))
 
     # CUDA-graph buckets (padded) against the plain path, batch-1 queries of several lengths.
@@ -429,19 +415,29 @@ def step_fidelity(run: Run) -> dict[str, Any]:
     for q, n in zip(queries, lengths):
         model.encode(q, max_length=n, **ALL)
     raw_intact = all(np.array_equal(np.array(v), snapshot[k]) for k, v in held.items())
-    finished = []
-    for vals in (held, snapshot):
-        collector = OutputCollector(len(ids), model.manifest.hidden_size, OUTPUTS, model.unused_ids)
-        collector.add(batch, vals)
-        finished.append(collector.finish())
-    (d1, s1, c1), (d2, s2, c2) = finished
-    out["held_outputs_intact_across_replays"] = bool(
-        raw_intact
-        and np.array_equal(d1, d2)
-        and s1.to_dicts() == s2.to_dicts()
-        and all(np.array_equal(a, b) for a, b in zip(c1, c2))
+    out["held_outputs_intact_across_replays"] = raw_intact and _postprocessed_identically(
+        model, batch, held, snapshot
     )
     return out
+
+
+def _postprocessed_identically(model: Any, batch: Any, first: dict, second: dict) -> bool:
+    """Whether two sets of one batch's raw outputs post-process to the same results, bit for bit."""
+    from m3rt.postprocess import OutputCollector
+
+    finished = []
+    for values in (first, second):
+        collector = OutputCollector(len(batch.indices), model.manifest.hidden_size, OUTPUTS, model.unused_ids)
+        collector.add(batch, values)
+        finished.append(collector.finish())
+    (d1, s1, c1), (d2, s2, c2) = finished
+    return bool(
+        np.array_equal(d1, d2)
+        and np.array_equal(s1.indptr, s2.indptr)
+        and np.array_equal(s1.indices, s2.indices)
+        and np.array_equal(s1.values.view(np.uint32), s2.values.view(np.uint32))
+        and all(np.array_equal(a, b) for a, b in zip(c1, c2))
+    )
 
 
 def _latency(encode: Callable[[str], Any], texts: list[str], max_iters: int, max_s: float) -> dict[str, float]:

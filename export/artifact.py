@@ -287,26 +287,23 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                     s8_files = variants.quantize_int8_cpu(staging / "model.onnx", s8, sensitive)
                     u8 = staging / "model.int8.u8.onnx"
                     u8_files = variants.write_u8_weight_twin(s8, u8) if "cpu-u8" in cpu_forms else None
+                    cpu_entry = partial(
+                        entry, precision="int8", backends=["onnxruntime-cpu"], kept_higher_precision=kept_cpu
+                    )
                     if "cpu" in cpu_forms:
-                        graphs["int8"] = entry(
+                        graphs["int8"] = cpu_entry(
                             s8_files,
-                            "int8",
-                            backends=["onnxruntime-cpu"],
                             form="per-channel symmetric int8 weights, dynamic uint8 activations (MatMulInteger)",
                             weight_type="int8",
                             exact_on="CPUs with VNNI or AMX (u8 x s8 products summed in int32)",
-                            kept_higher_precision=kept_cpu,
                             fidelity=measured.measure_int8_cpu(s8, kernel, u8 if u8_files else None),
                         )
                     if u8_files:
-                        graphs["int8-u8"] = entry(
+                        graphs["int8-u8"] = cpu_entry(
                             u8_files,
-                            "int8",
-                            backends=["onnxruntime-cpu"],
                             form="model.int8.onnx with uint8 weights (w + 128, zero point 128): the same products",
                             weight_type="uint8",
                             exact_on="every CPU (u8 x u8 products widened to 16 bits: no saturation)",
-                            kept_higher_precision=kept_cpu,
                             fidelity=measured.measure(
                                 "int8-u8",
                                 u8,

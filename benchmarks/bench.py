@@ -1,6 +1,9 @@
 """`m3-bench ARTIFACT_DIR`: latency and throughput of every backend present, side by side with the
 PyTorch reference, with fidelity and peak memory; writes JSON, a markdown table and a PNG plot.
 
+`m3-bench ARTIFACT_DIR --scenarios latency,documents,...` runs the serving scenarios instead
+(`m3rt.benchmarks.scenarios`: the served model, on `--device`, beside the PyTorch reference).
+
 These machines are noisy: compare the ratios printed for one run, not absolute numbers across runs.
 """
 
@@ -22,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from m3rt.benchmarks.runners import m3rt_runners, reference_runner, reference_unavailable
+from m3rt.benchmarks.scenarios import SCENARIOS, load_setup, run_scenarios, summary_rows, table
 from m3rt.benchmarks.texts import DEFAULT_DISTRIBUTIONS, DISTRIBUTIONS, TextFactory
 from m3rt.fidelity import compare_outputs
 from m3rt.manifest import load_manifest
@@ -145,9 +149,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = M3Tokenizer(manifest.tokenizer_path)
     factory = TextFactory(tokenizer, seed=args.seed)
     runners, notes = m3rt_runners(args.artifact, args.batch_size, args.token_budget)
-    checkpoint = args.checkpoint
-    if checkpoint is None and manifest.source.get("kind") == "local":
-        checkpoint = Path(manifest.source["model"])
+    checkpoint = checkpoint_for(args.artifact, args.checkpoint)
     if args.no_reference:
         notes.append("PyTorch reference: skipped (--no-reference)")
     else:
@@ -373,11 +375,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", "--out", "-o", dest="out", type=Path, default=Path("bench-results"))
+    parser.add_argument(
+        "--scenarios",
+        type=lambda v: list(SCENARIOS) if v == "all" else v.split(","),
+        help=f"run these serving scenarios instead ('all' or some of {', '.join(SCENARIOS)})",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="where --scenarios serve")
+    parser.add_argument("--budget-s", type=float, default=600.0, help="--scenarios: skip what no longer fits")
     return parser
+
+
+def checkpoint_for(artifact: Path, given: Path | None) -> Path | None:
+    """The reference's source checkpoint: the one given, else the local one the artifact was exported from."""
+    if given is not None:
+        return given
+    manifest = load_manifest(artifact, verify=False)
+    return Path(manifest.source["model"]) if manifest.source.get("kind") == "local" else None
+
+
+def run_scenario_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """The serving scenarios on `args.device`, with the machine and settings they ran under."""
+    unknown = sorted(set(args.scenarios) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"m3-bench: unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
+    checkpoint = checkpoint_for(args.artifact, args.checkpoint)
+    if note := reference_unavailable(checkpoint):
+        raise SystemExit(f"m3-bench --scenarios needs the reference: {note}")
+    setup = load_setup(args.artifact, checkpoint, args.device, args.batch_size, args.token_budget)
+    try:
+        results = run_scenarios(setup, args.scenarios, args.budget_s)
+    finally:
+        setup.model.close()
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["m3-bench", *sys.argv[1:]]),
+        "artifact": str(args.artifact),
+        "device": args.device,
+        "machine": machine_description(),
+        "served": {"graph": setup.model.backend.graph_path.name, "notes": getattr(setup.model.backend, "notes", [])},
+        "scenarios": results,
+        "summary": table(
+            summary_rows(results, args.device == "cuda"), ("measurement", "measured", "target", "verdict")
+        ),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.scenarios:
+        report = run_scenario_bench(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "scenarios.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        print(report["summary"])
+        print(f"wrote {args.out / 'scenarios.json'}")
+        return 0
     report = run_benchmark(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -47,7 +47,7 @@ def m3rt_runners(
     """(name, build) per (backend, precision) usable here, built lazily so that each runner's
     memory is measured alone; notes say what was skipped and why."""
     from m3rt.backends.base import _tensorrt_usable
-    from m3rt.cuda import gpu_unavailable_reason
+    from m3rt.kernels.cuda_api import gpu_unavailable_reason
     from m3rt.manifest import load_manifest
 
     manifest = load_manifest(artifact, verify=False)

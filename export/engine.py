@@ -29,7 +29,7 @@ def tensorrt_unavailable_reason() -> str | None:
         from m3rt.backends.tensorrt import TENSORRT_INSTALL_HINT
 
         return f"TensorRT is not importable ({exc}); {TENSORRT_INSTALL_HINT}"
-    from m3rt.cuda import gpu_unavailable_reason
+    from m3rt.kernels.cuda_api import gpu_unavailable_reason
 
     return gpu_unavailable_reason()
 
@@ -45,7 +45,7 @@ def build_engines(
     """Build one plan per available variant, check it against ONNX Runtime, describe it."""
     import tensorrt as trt
 
-    from m3rt.cuda import device_description
+    from m3rt.kernels.cuda_api import device_description
 
     max_length = int(manifest["model"]["max_length"])
     planned = parse_profiles(profiles, max_length) if profiles else default_profiles(token_budget, max_length)

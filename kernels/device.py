@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from m3rt.cuda import (
+from m3rt.errors import BackendError, InputError
+from m3rt.kernels.cuda_api import (
     CAPTURE_GATE,
     INSTALL_HINT,
     as_text,
@@ -35,9 +35,7 @@ from m3rt.cuda import (
     runtime_api,
     unpack,
 )
-from m3rt.errors import BackendError, InputError
-from m3rt.kernels.colbert import split_colbert
-from m3rt.kernels.sparse import SparseRows, aggregate_sparse
+from m3rt.kernels.sparse import SparseRows
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 HEADER = "m3rt_kernels.cuh"
@@ -154,12 +152,6 @@ def sparse_table_log2(seq_len: int) -> int:
     return log2
 
 
-def colbert_counts(attention_mask: np.ndarray) -> np.ndarray:
-    """Per-row ColBERT vector counts of a right-padded batch: mask.sum() - 1, at least 0."""
-    mask = np.asarray(attention_mask)
-    return np.maximum(np.count_nonzero(mask, axis=1).astype(np.int64) - 1, 0)
-
-
 class _Modules:
     """One loaded module per device per process (the primary context outlives any DeviceKernels)."""
 
@@ -186,10 +178,14 @@ class _Modules:
 class DeviceKernels:
     """Runs m3rt's CUDA kernels on device buffers and returns compact host results.
 
-    Every method enqueues on `stream`, copies only the compact result to pinned host memory and
-    synchronizes that stream before returning. The inputs must be complete in `stream`'s order: pass
-    the stream that produced them (or synchronize their producer first). Scratch buffers grow and
-    are then reused, so steady state allocates nothing on the device. Sparse scratch is about
+    Every method enqueues on `stream` (by default the instance's own non-blocking stream), copies only
+    the compact result to pinned host memory and synchronizes that stream before returning. The
+    inputs must be complete in `stream`'s order: pass the stream that produced them, or synchronize
+    their producer first. ONNX Runtime's outputs are complete when `run_with_iobinding` returns: it
+    synchronizes its stream then unless the run option `disable_synchronize_execution_providers` is
+    "1" (InferenceSession::Run -> OnRunEnd(sync_stream=true); a CUDA-graph replay syncs too), which
+    m3rt never sets, so the post-processor reads them on the kernels' own stream without waiting.
+    Scratch buffers grow and are then reused, so steady state allocates nothing on the device. Sparse scratch is about
     12 * B * (2 S rounded up to a power of two) + 16 * B * S bytes (~80 MiB for B = 256, S = 8192).
     One instance serializes its own calls (a lock); use one instance per thread for concurrency.
     Calls make `device` current on the calling thread.
@@ -209,6 +205,7 @@ class DeviceKernels:
         self._device_buffers: dict[str, tuple[int, int]] = {}
         self._host_buffers: dict[str, tuple[int, int]] = {}
         self._specials: tuple[int, ...] | None = None
+        self.stream = int(check(self._cudart.cudaStreamCreateWithFlags(self._cudart.cudaStreamNonBlocking)))
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -219,7 +216,7 @@ class DeviceKernels:
         attention_mask_ptr: int | None,
         shape: Sequence[int],
         special_ids: Iterable[int],
-        stream: int = 0,
+        stream: int | None = None,
     ) -> SparseRows:
         """Device twin of `aggregate_sparse`.
 
@@ -227,6 +224,7 @@ class DeviceKernels:
         contiguous; attention_mask_ptr None or 0 keeps every position.
         """
         batch, seq_len = _sparse_shape(shape)
+        stream = self.stream if stream is None else stream
         if batch == 0 or seq_len == 0:
             return SparseRows(np.zeros(batch + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
         tokens = batch * seq_len
@@ -279,7 +277,7 @@ class DeviceKernels:
         colbert_ptr: int,
         shape: Sequence[int],
         counts: np.ndarray | Sequence[int],
-        stream: int = 0,
+        stream: int | None = None,
         fp16: bool = False,
     ) -> list[np.ndarray]:
         """Device twin of `split_colbert`: per-row host arrays [counts[r], D].
@@ -294,6 +292,7 @@ class DeviceKernels:
         counts = np.clip(np.asarray(counts, dtype=np.int64).reshape(-1), 0, rows_per_text)
         if counts.shape[0] != batch:
             raise InputError(f"{counts.shape[0]} ColBERT counts for a batch of {batch}")
+        stream = self.stream if stream is None else stream
         dtype = np.dtype(np.float16 if fp16 else np.float32)
         offsets = np.zeros(batch + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
@@ -326,7 +325,7 @@ class DeviceKernels:
             return [flat[lo:hi].copy() for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
     def close(self) -> None:
-        """Free the scratch buffers (the compiled module stays loaded for the process)."""
+        """Free the scratch buffers and the stream (the compiled module stays loaded for the process)."""
         with self._lock, CAPTURE_GATE.shared():
             self._activate()
             for ptr, _ in self._device_buffers.values():
@@ -336,6 +335,9 @@ class DeviceKernels:
             self._device_buffers.clear()
             self._host_buffers.clear()
             self._specials = None
+            if self.stream:
+                self._cudart.cudaStreamDestroy(self.stream)
+                self.stream = 0
 
     def __enter__(self) -> DeviceKernels:
         return self
@@ -420,200 +422,3 @@ def _stride_grid(n: int) -> int:
 def _host_array(ptr: int, nbytes: int, dtype: Any) -> np.ndarray:
     """A numpy view of pinned host memory (valid until the buffer grows)."""
     return np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype)
-
-
-# -- checks against the CPU kernels (run on a GPU) -----------------------------------------------
-
-SPECIALS = (0, 1, 2, 3)  # XLM-R's <s>, <pad>, </s>, <unk>
-
-
-def _right_padded_mask(rng: np.random.Generator, batch: int, seq_len: int, full: bool = False) -> np.ndarray:
-    lengths = np.full(batch, seq_len) if full else rng.integers(0, seq_len + 1, size=batch)
-    return (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int64)
-
-
-def _sparse_case(rng: np.random.Generator, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple]:
-    """(weights, ids, mask, specials) for a named edge case."""
-
-    def weights(b: int, s: int) -> np.ndarray:
-        return rng.standard_normal((b, s)).astype(np.float32)
-
-    if name == "random":
-        w, ids = weights(6, 37), rng.integers(0, 60, (6, 37))
-        w[0, :3] = [np.nan, -0.0, 0.0]  # dropped like non-positive weights
-        return w, ids, _right_padded_mask(rng, 6, 37), SPECIALS
-    if name == "batch_1":
-        return weights(1, 300), rng.integers(0, 200, (1, 300)), _right_padded_mask(rng, 1, 300, True), SPECIALS
-    if name == "all_special":
-        return np.abs(weights(4, 50)) + 0.1, rng.integers(0, 4, (4, 50)), _right_padded_mask(rng, 4, 50), SPECIALS
-    if name == "empty_rows":
-        mask = _right_padded_mask(rng, 8, 40)
-        mask[::2] = 0
-        return weights(8, 40), rng.integers(0, 100, (8, 40)), mask, SPECIALS
-    if name == "all_masked":
-        return weights(3, 16), rng.integers(4, 100, (3, 16)), np.zeros((3, 16), np.int64), SPECIALS
-    if name == "non_positive":
-        w = -np.abs(weights(5, 64))
-        w[:, ::7] = 0.0
-        return w, rng.integers(4, 100, (5, 64)), _right_padded_mask(rng, 5, 64, True), SPECIALS
-    if name == "long_8192":
-        return weights(3, 8192), rng.integers(0, 250002, (3, 8192)), _right_padded_mask(rng, 3, 8192), SPECIALS
-    if name == "few_ids_many_repeats":
-        # Heavy contention on a handful of slots, with tied maxima (few distinct weights).
-        w = rng.integers(-2, 6, (8, 4096)).astype(np.float32) / 4
-        return w, rng.integers(2, 9, (8, 4096)), _right_padded_mask(rng, 8, 4096, True), SPECIALS
-    if name == "large_batch":
-        return weights(640, 96), rng.integers(0, 5000, (640, 96)), _right_padded_mask(rng, 640, 96), SPECIALS
-    if name == "int64_ids":
-        # Ids that differ only above bit 32, negative ids, and the extremes: 64-bit hashing and compares.
-        pool = np.array([5, 5 + (1 << 32), 5 + (1 << 40), -5, -(1 << 62), (1 << 63) - 1, -(1 << 63), 7], np.int64)
-        return weights(4, 200), pool[rng.integers(0, len(pool), (4, 200))], None, ()
-    if name == "weights_bs1":
-        return weights(3, 33)[..., None], rng.integers(0, 40, (3, 33)), _right_padded_mask(rng, 3, 33), SPECIALS
-    if name == "no_mask_no_specials":
-        return weights(4, 129), rng.integers(0, 30, (4, 129)), None, ()
-    if name == "empty_batch":
-        return np.zeros((0, 10), np.float32), np.zeros((0, 10), np.int64), np.zeros((0, 10), np.int64), SPECIALS
-    raise KeyError(name)
-
-
-SPARSE_CASES = (
-    "random", "batch_1", "all_special", "empty_rows", "all_masked", "non_positive", "long_8192",
-    "few_ids_many_repeats", "large_batch", "int64_ids", "weights_bs1", "no_mask_no_specials", "empty_batch",
-)  # fmt: skip
-# (batch, seq - 1, dim, fp16, all rows full)
-COLBERT_CASES = {
-    "colbert_random": (5, 20, 8, False, False),
-    "colbert_fp16": (5, 20, 8, True, False),
-    "colbert_odd_dim": (4, 9, 6, False, False),
-    "colbert_odd_dim_fp16": (4, 9, 6, True, False),
-    "colbert_8192": (2, 8191, 1024, False, True),
-    "colbert_8192_fp16": (2, 8191, 1024, True, False),
-    "colbert_large_batch": (300, 15, 32, False, False),
-}
-CASES = SPARSE_CASES + tuple(COLBERT_CASES)
-
-
-class _DeviceArrays:
-    """Device copies of host arrays via the CUDA runtime (no torch/CuPy), freed on exit."""
-
-    def __init__(self) -> None:
-        self.cudart = runtime_api()
-        self.ptrs: list[int] = []
-
-    def put(self, array: np.ndarray | None) -> int:
-        if array is None:
-            return 0
-        array = np.ascontiguousarray(array)
-        ptr = int(check(self.cudart.cudaMalloc(max(array.nbytes, 1))))
-        self.ptrs.append(ptr)
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        check(self.cudart.cudaMemcpy(ptr, array.ctypes.data, array.nbytes, kind))
-        return ptr
-
-    def __enter__(self) -> _DeviceArrays:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for ptr in self.ptrs:
-            self.cudart.cudaFree(ptr)
-
-
-def compare_sparse(got: SparseRows, want: SparseRows) -> str:
-    """'' when equal (offsets, ids, order, weight bits), else where they first differ."""
-    if not np.array_equal(got.indptr, want.indptr):
-        if len(got.indptr) != len(want.indptr):
-            return f"{len(got.indptr) - 1} rows, expected {len(want.indptr) - 1}"
-        rows = np.flatnonzero(np.diff(got.indptr) != np.diff(want.indptr))[:5].tolist()
-        return f"row sizes differ (rows {rows}; totals {got.indptr[-1]} vs {want.indptr[-1]})"
-    if not np.array_equal(got.indices, want.indices):
-        at = int(np.flatnonzero(got.indices != want.indices)[0])
-        return f"ids or their order differ, first at entry {at}: {got.indices[at]} vs {want.indices[at]}"
-    if not np.array_equal(got.values.view(np.uint32), want.values.view(np.uint32)):
-        at = int(np.flatnonzero(got.values.view(np.uint32) != want.values.view(np.uint32))[0])
-        return f"weights differ in bits, first at entry {at}: {got.values[at]!r} vs {want.values[at]!r}"
-    return ""
-
-
-def check_kernels_against_cpu(
-    kernels: DeviceKernels,
-    rng: np.random.Generator,
-    cases: Iterable[str] = CASES,
-) -> list[tuple[str, bool, str]]:
-    """Run the device and the CPU kernels on the same inputs; (case, ok, detail) per case.
-
-    Exact comparison: offsets, ids and their order equal, weights equal bit for bit (a max of the
-    same floats), ColBERT rows equal bit for bit (fp16 against numpy's astype(float16)). Inputs are
-    copied to the device with cudaMalloc/cudaMemcpy; a non-default stream is used for the kernels.
-    """
-    cudart = runtime_api()
-    kernels._activate()
-    stream = int(check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)))
-    results: list[tuple[str, bool, str]] = []
-    try:
-        for case in cases:
-            try:
-                with _DeviceArrays() as dev:
-                    if case in COLBERT_CASES:
-                        results.append((case, *_check_colbert(kernels, dev, rng, COLBERT_CASES[case], stream)))
-                    else:
-                        results.append((case, *_check_sparse(kernels, dev, rng, case, stream)))
-            except Exception as exc:  # one broken case must not hide the others
-                results.append((case, False, f"{type(exc).__name__}: {exc}"))
-    finally:
-        cudart.cudaStreamDestroy(stream)
-    return results
-
-
-def _check_sparse(
-    kernels: DeviceKernels, dev: _DeviceArrays, rng: np.random.Generator, case: str, stream: int
-) -> tuple[bool, str]:
-    w, ids, mask, specials = _sparse_case(rng, case)
-    w = np.ascontiguousarray(w, np.float32)
-    ids = np.ascontiguousarray(ids, np.int64)
-    got = kernels.aggregate_sparse(dev.put(w), dev.put(ids), dev.put(mask), w.shape, specials, stream=stream)
-    want = aggregate_sparse(w, ids, mask, specials)
-    detail = compare_sparse(got, want)
-    return (False, detail) if detail else (True, f"{want.indptr[-1]} entries in {want.num_rows} rows")
-
-
-def _check_colbert(
-    kernels: DeviceKernels, dev: _DeviceArrays, rng: np.random.Generator, spec: tuple, stream: int
-) -> tuple[bool, str]:
-    batch, rows, dim, fp16, full = spec
-    vecs = rng.standard_normal((batch, rows, dim)).astype(np.float32)
-    mask = _right_padded_mask(rng, batch, rows + 1, full)
-    if batch > 1:
-        mask[1] = 0  # a row with no vectors at all
-    got = kernels.compact_colbert(dev.put(vecs), vecs.shape, colbert_counts(mask), stream=stream, fp16=fp16)
-    want = split_colbert(vecs, mask)
-    if fp16:
-        want = [w.astype(np.float16) for w in want]
-    detail = compare_colbert(got, want)
-    return (False, detail) if detail else (True, f"{sum(len(w) for w in want)} vectors in {batch} rows")
-
-
-def compare_colbert(got: list[np.ndarray], want: list[np.ndarray]) -> str:
-    """'' when the rows are equal in dtype, shape and bits, else the first difference."""
-    if len(got) != len(want):
-        return f"{len(got)} rows, expected {len(want)}"
-    for r, (g, w) in enumerate(zip(got, want)):
-        if g.shape != w.shape or g.dtype != w.dtype:
-            return f"row {r}: {g.dtype}{g.shape}, expected {w.dtype}{w.shape}"
-        if g.tobytes() != w.tobytes():
-            return f"row {r}: values differ"
-    return ""
-
-
-def main() -> int:
-    """`python -m m3rt.kernels.device`: the GPU check, one line per case; exit status 1 on a mismatch."""
-    with DeviceKernels() as kernels:
-        print(f"device kernels compiled for {kernels.arch}")
-        results = check_kernels_against_cpu(kernels, np.random.default_rng(0))
-    for case, ok, detail in results:
-        print(f"{'ok  ' if ok else 'FAIL'} {case}: {detail}")
-    return 0 if all(ok for _, ok, _ in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

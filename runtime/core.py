@@ -23,14 +23,15 @@ from m3rt.scheduler import Batch, split_batch, take_rows
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do, read by the core (never by anything else)."""
+    """What a backend can do, read by the runtime core (this module and `M3Model`), never by anything else."""
 
     # `run` may be called from several threads at once (ONNX Runtime's session.run may).
     thread_safe: bool = False
     # Most rows one `run` accepts at a padded sequence length; None: no limit of its own.
     max_rows: Callable[[int], int] | None = None
-    # `run` may return `m3rt.device_array.DeviceArray`s for the post-processor's device kernels.
-    device_outputs: bool = False
+    # The GPU whose memory `run` may leave outputs in (`m3rt.device_array.DeviceArray`s, for the
+    # post-processor's device kernels, which the model prepares at load); None: host arrays only.
+    output_device: int | None = None
 
 
 class BatchRunner:

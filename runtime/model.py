@@ -14,7 +14,7 @@ from m3rt.errors import InputError
 from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
-from m3rt.postprocess import OutputCollector
+from m3rt.postprocess import OutputCollector, PostProcessor
 from m3rt.scheduler import pad_batch, plan_batches, token_lengths
 from m3rt.scoring import colbert_score, combine_scores, lexical_matching_score, lexical_matching_scores
 from m3rt.tokenizer import M3Tokenizer
@@ -23,6 +23,11 @@ SparseFormat = Literal["dict", "csr", "scipy"]
 
 # FlagEmbedding drops exactly these from lexical weights (`<mask>` is not among them).
 _UNUSED_SPECIALS = ("cls", "eos", "pad", "unk")
+
+
+def _unused_ids(manifest: Manifest) -> tuple[int, ...]:
+    specials = manifest.special_tokens
+    return tuple(sorted({specials[k] for k in _UNUSED_SPECIALS if k in specials}))
 
 
 def _as_texts(sentences: Any, what: str = "sentences") -> tuple[list[str], bool]:
@@ -73,6 +78,7 @@ class M3Model:
         return_dense: bool = True,
         return_sparse: bool = False,
         return_colbert_vecs: bool = False,
+        postprocessor: PostProcessor | None = None,
     ) -> None:
         self.manifest = manifest
         self.backend = backend
@@ -87,9 +93,14 @@ class M3Model:
         self.return_colbert_vecs = return_colbert_vecs
         specials = manifest.special_tokens
         self.pad_id = specials["pad"]
-        self.unused_ids = tuple(sorted({specials[k] for k in _UNUSED_SPECIALS if k in specials}))
+        self.unused_ids = _unused_ids(manifest)
+        # The three heads, on the host or on the GPU where a backend leaves its outputs.
+        self.postprocessor = postprocessor or PostProcessor(self.unused_ids)
         # Locking, row limits and out-of-memory retries, by what the backend says it can do.
         self._runner = BatchRunner(backend)
+        if self._runner.capabilities.output_device is not None:
+            # Compile and load the device kernels now rather than in the first encode call.
+            self.postprocessor.kernels_for(self._runner.capabilities.output_device)
 
     @classmethod
     def load(
@@ -103,6 +114,8 @@ class M3Model:
         intra_op_threads: int | None = None,
         device: str | None = None,
         backend_options: dict[str, Any] | None = None,
+        colbert_fp16: bool = False,
+        device_postprocess: bool = True,
         **options: Any,
     ) -> M3Model:
         """Load an artifact directory written by `m3-export`.
@@ -114,8 +127,10 @@ class M3Model:
         explicit Q/DQ graph). `verify` checks every file against the manifest's sizes and sha256 first.
         `device`: "cpu" (default) or "cuda" / "cuda:N" for ONNX Runtime CUDA (also chosen when
         `providers` asks for CUDAExecutionProvider); there fp16 runs the fused graph when the artifact
-        has one. `backend_options`: CUDA backend settings (cuda_graph, graph_buckets,
-        device_postprocess, colbert_fp16; see `OnnxRuntimeCudaBackend`).
+        has one. `backend_options`: CUDA backend settings (cuda_graph, graph_buckets; see
+        `OnnxRuntimeCudaBackend`). `colbert_fp16`: ColBERT vectors as float16 (converted on the GPU
+        when they are there). `device_postprocess=False`: reduce GPU outputs on the host instead of with
+        the device kernels.
         """
         manifest = load_manifest(path, verify=verify)
         engine = create_backend(
@@ -127,15 +142,25 @@ class M3Model:
             device=device,
             backend_options=backend_options,
         )
-        return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), **options)
+        post = PostProcessor(
+            _unused_ids(manifest), colbert_fp16=colbert_fp16, device_postprocess=device_postprocess
+        )
+        return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), postprocessor=post, **options)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the loader and the post-processor said about how this model runs (the int8 form chosen
+        for this CPU, CUDA graphs or device post-processing turned off and why, ...)."""
+        return [*getattr(self.backend, "notes", []), *self.postprocessor.notes]
 
     def close(self) -> None:
-        """Release what the backend holds beyond memory (CUDA streams, device buffers, worker threads;
-        nothing on ONNX Runtime CPU). Do not encode afterwards. `with M3Model.load(...) as model:`
-        calls it on exit."""
+        """Release what the backend and the post-processor hold beyond memory (CUDA streams, device
+        buffers, worker threads; nothing on ONNX Runtime CPU). Do not encode afterwards.
+        `with M3Model.load(...) as model:` calls it on exit."""
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
+        self.postprocessor.close()
 
     def __enter__(self) -> M3Model:
         return self
@@ -224,7 +249,7 @@ class M3Model:
         show_progress: bool | None,
     ) -> tuple[np.ndarray | None, SparseRows | None, list[np.ndarray] | None]:
         """Tokenise, batch, infer and post-process `texts` (pipelined); results in input order."""
-        collector = OutputCollector(len(texts), self.manifest.hidden_size, outputs, self.unused_ids)
+        collector = OutputCollector(len(texts), self.manifest.hidden_size, outputs, self.postprocessor)
         if not outputs:
             # Nothing to compute, but bad input (truncate=False) is still reported.
             self._tokenize(texts, max_length, truncate)

@@ -3,8 +3,8 @@ and the device branch of post-processing.
 
 What runs here (no GPU, the CPU build of onnxruntime): the fused export on the tiny model, the real
 errors of asking this onnxruntime for CUDA, the CUDA backend's IOBinding code on ONNX Runtime's CPU
-provider (`device_type="cpu"`: real sessions, bindings and OrtValues on host memory), and the
-post-processing seam with DeviceArrays over host memory. The `gpu` tests (deselected by default; run
+provider (`tests/host_device.py`: real sessions, bindings and OrtValues on host memory), and the
+post-processor's device path over host memory. The `gpu` tests (deselected by default; run
 with `-m gpu` on a machine with onnxruntime-gpu and a GPU) compare ONNX Runtime CUDA with the CPU.
 """
 
@@ -20,15 +20,16 @@ from m3rt import ArtifactError, BackendError, BackendOutOfMemory, M3Model
 from m3rt.backends.base import parse_device, select_graph
 from m3rt.backends.onnxruntime import OnnxRuntimeBackend, backend_error
 from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend, cuda_unavailable_reason
-from m3rt.device_array import DeviceArray, DeviceContext, HostPointerKernels
+from m3rt.device_array import DeviceArray
 from m3rt.export.artifact import ExportOptions, export_artifact
 from m3rt.export.validate import Tolerance
 from m3rt.fidelity import DEFAULT_GATES, compare_outputs
-from m3rt.postprocess import OutputCollector
+from m3rt.postprocess import OutputCollector, PostProcessor
 from m3rt.scheduler import pad_batch
 
 import reference_rules
 from fake_backend import FakeBackend
+from host_device import HostArray, HostDevice, HostPointerKernels
 
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
 
@@ -136,7 +137,7 @@ def test_no_visible_gpu_is_named(monkeypatch):
     # onnxruntime-gpu on a machine without a GPU lists the CUDA provider; the GPU check must then
     # say that no GPU is visible (cudaGetDeviceCount, for real, through cuda-python).
     pytest.importorskip("cuda.bindings")
-    from m3rt.cuda import gpu_unavailable_reason
+    from m3rt.kernels.cuda_api import gpu_unavailable_reason
 
     if gpu_unavailable_reason() is None:
         pytest.skip("a GPU is visible here")
@@ -168,7 +169,7 @@ def test_onnxruntime_out_of_memory_errors_are_typed_so_the_batch_is_split(messag
 
 def test_cuda_allocation_failures_are_typed_whatever_their_text():
     """What TensorRT's backend and the device kernels see: cuda-python's (error code, values) tuples."""
-    from m3rt.cuda import unpack
+    from m3rt.kernels.cuda_api import unpack
 
     for api_error_name in ("cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "NVRTC_ERROR_OUT_OF_MEMORY"):
         with pytest.raises(BackendOutOfMemory, match=api_error_name):
@@ -192,15 +193,22 @@ def test_an_out_of_memory_batch_is_split_and_nothing_is_lost(tiny_model, texts):
 # ---------------------------------------------------------------------- the IOBinding path on ORT CPU
 
 
+def _host_kernels(model: M3Model, **options) -> PostProcessor:
+    """The post-processor with `HostPointerKernels` as the device kernels of every "GPU"."""
+    kernels = HostPointerKernels()
+    return PostProcessor(model.unused_ids, device_kernels=lambda device: kernels, **options)
+
+
 @pytest.fixture(scope="module")
 def iobinding_models(fused):
     """The CUDA backend's IOBinding code on ONNX Runtime CPU vs plain session.run, same graph."""
     reference = M3Model.load(fused)
     graph = fused / "model.fp16.fused.onnx"  # the CPU provider runs the contrib ops too
-    backend = OnnxRuntimeCudaBackend(graph, device_type="cpu", pad_id=reference.pad_id, graph_buckets=(8, 16, 32))
-    bound = M3Model(reference.manifest, backend, reference.tokenizer)
+    backend = OnnxRuntimeCudaBackend(graph, device=HostDevice(), pad_id=reference.pad_id, graph_buckets=(8, 16, 32))
+    bound = M3Model(reference.manifest, backend, reference.tokenizer, postprocessor=_host_kernels(reference))
     plain = M3Model(reference.manifest, OnnxRuntimeBackend(graph), reference.tokenizer)
-    return bound, plain
+    yield bound, plain
+    bound.close()  # its graph worker thread
 
 
 def test_iobinding_path_matches_session_run(iobinding_models, texts):
@@ -230,15 +238,15 @@ def test_outputs_are_device_arrays_that_outlive_later_runs(iobinding_models):
     ids = np.array([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]], dtype=np.int64)
     mask = (ids != 1).astype(np.int64)
     first = backend.run(ids, mask, ("dense_vecs", "sparse_weights", "colbert_vecs"))
-    assert isinstance(first["dense_vecs"], np.ndarray)
-    assert isinstance(first["sparse_weights"], DeviceArray) and first["sparse_weights"].shape == (2, 5)
-    assert isinstance(first["colbert_vecs"], DeviceArray) and first["colbert_vecs"].shape[:2] == (2, 4)
+    assert all(isinstance(v, DeviceArray) for v in first.values())  # raw: nothing reduced by the backend
+    assert first["dense_vecs"].shape == (2, 64)
+    assert first["sparse_weights"].shape == (2, 5) and first["colbert_vecs"].shape[:2] == (2, 4)
     snapshot = first["colbert_vecs"].to_host()
-    assert np.array_equal(first["sparse_weights"].context.input_ids.to_host(), ids)
+    assert np.array_equal(first["sparse_weights"].batch_inputs[0].to_host(), ids)
     for _ in range(3):  # later batches get their own buffers: the first results stay intact
         backend.run(ids[:, ::-1].copy(), mask, ("dense_vecs", "sparse_weights", "colbert_vecs"))
     assert np.array_equal(first["colbert_vecs"].to_host(), snapshot)
-    assert np.array_equal(first["sparse_weights"].context.input_ids.to_host(), ids)
+    assert np.array_equal(first["sparse_weights"].batch_inputs[0].to_host(), ids)
 
 
 def test_a_graph_enabled_session_runs_on_one_thread_whoever_calls(iobinding_models, texts, monkeypatch):
@@ -265,40 +273,53 @@ def test_a_graph_enabled_session_runs_on_one_thread_whoever_calls(iobinding_mode
     assert len(seen) == 1 and next(iter(seen)).startswith("m3rt-onnxruntime")
 
 
-def test_host_post_processing_when_device_post_processing_is_off(fused, iobinding_models):
-    _, plain = iobinding_models
-    backend = OnnxRuntimeCudaBackend(
-        fused / "model.fp16.fused.onnx", device_type="cpu", device_postprocess=False, cuda_graph=False
-    )
-    ids = np.array([[0, 5, 6, 2]], dtype=np.int64)
-    out = backend.run(ids, np.ones_like(ids), ("sparse_weights", "colbert_vecs"))
-    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in out.values())
+def test_host_post_processing_when_device_post_processing_is_off(fused, iobinding_models, texts):
+    bound, plain = iobinding_models
+    kernels = HostPointerKernels()
+    post = PostProcessor(bound.unused_ids, device_postprocess=False, device_kernels=lambda device: kernels)
+    backend = OnnxRuntimeCudaBackend(fused / "model.fp16.fused.onnx", device=HostDevice(), cuda_graph=False)
     assert backend.graph_buckets == {}
+    model = M3Model(bound.manifest, backend, bound.tokenizer, postprocessor=post)
+    _assert_same(model.encode(texts, batch_size=4, **ALL), plain.encode(texts, batch_size=4, **ALL))
+    assert kernels.calls == {"aggregate_sparse": 0, "compact_colbert": 0}
 
 
 @pytest.mark.parametrize("device_postprocess", [True, False])
-def test_colbert_fp16_is_float16_on_every_path(fused, device_postprocess):
-    reference = M3Model.load(fused)
-    backend = OnnxRuntimeCudaBackend(
-        fused / "model.fp16.fused.onnx", device_type="cpu", colbert_fp16=True, device_postprocess=device_postprocess
-    )
-    model = M3Model(reference.manifest, backend, reference.tokenizer)
-    bucketed = model.encode("a short query", return_colbert_vecs=True)["colbert_vecs"]
-    batched = model.encode(["word " * 80, "x"], return_colbert_vecs=True)["colbert_vecs"]
+def test_colbert_fp16_is_float16_on_every_path(fused, iobinding_models, device_postprocess):
+    bound, plain = iobinding_models
+    post = _host_kernels(bound, colbert_fp16=True, device_postprocess=device_postprocess)
+    model = M3Model(bound.manifest, bound.backend, bound.tokenizer, postprocessor=post)
+    texts = ["a short query", "word " * 80, "x"]
+    bucketed = model.encode(texts[0], return_colbert_vecs=True)["colbert_vecs"]
+    batched = model.encode(texts[1:], return_colbert_vecs=True)["colbert_vecs"]
     assert bucketed.dtype == np.float16 and all(v.dtype == np.float16 for v in batched)
+    want = plain.encode(texts, return_colbert_vecs=True)["colbert_vecs"]
+    for got, full in zip([bucketed, *batched], want):
+        assert np.array_equal(got, full.astype(np.float16))  # one rounding, as numpy's
+
+
+def test_close_releases_the_device_and_the_kernels(fused, iobinding_models, texts):
+    bound, _ = iobinding_models
+    kernels = HostPointerKernels()
+    device = HostDevice()
+    backend = OnnxRuntimeCudaBackend(fused / "model.fp16.fused.onnx", device=device, graph_buckets=(8,))
+    post = PostProcessor(bound.unused_ids, device_kernels=lambda d: kernels)
+    with M3Model(bound.manifest, backend, bound.tokenizer, postprocessor=post) as model:
+        model.encode(texts, batch_size=4, **ALL)
+        assert kernels.calls["aggregate_sparse"] > 0
+    assert device.closed and kernels.closed
 
 
 # ---------------------------------------------------------------------- the post-processing seam
 
 
-def _host_device_array(array: np.ndarray, context: DeviceContext | None = None) -> DeviceArray:
+def _host_device_array(array: np.ndarray, batch_inputs: tuple | None = None) -> HostArray:
     array = np.ascontiguousarray(array)
-    return DeviceArray(array.ctypes.data, array.shape, array.dtype, 0, "cpu", owner=array, context=context)
+    return HostArray(array.ctypes.data, array.shape, array.dtype, 0, owner=array, batch_inputs=batch_inputs)
 
 
-@pytest.mark.parametrize("colbert_fp16", [False, True])
-def test_device_arrays_go_to_the_kernels_numpy_arrays_to_the_cpu_path(colbert_fp16):
-    rng = np.random.default_rng(0)
+def _seam_case(seed: int = 0):
+    rng = np.random.default_rng(seed)
     lengths = [7, 3, 5, 1]
     ids = [np.concatenate(([0], rng.integers(3, 40, n - 2), [2])) if n > 1 else np.array([0]) for n in lengths]
     batch = pad_batch(ids, np.arange(len(ids)), pad_id=1)
@@ -306,60 +327,77 @@ def test_device_arrays_go_to_the_kernels_numpy_arrays_to_the_cpu_path(colbert_fp
     sparse = rng.standard_normal(shape).astype(np.float32)
     colbert = rng.standard_normal((shape[0], shape[1] - 1, 6)).astype(np.float32)
     dense = rng.standard_normal((shape[0], 6)).astype(np.float32)
+    return lengths, batch, dense, sparse, colbert
 
-    class CountingKernels(HostPointerKernels):
-        calls = 0
 
-        def aggregate_sparse(self, *args, **kwargs):
-            CountingKernels.calls += 1
-            return super().aggregate_sparse(*args, **kwargs)
+def _collect(batch, values, post: PostProcessor):
+    collector = OutputCollector(len(batch.indices), 6, ("dense_vecs", "sparse_weights", "colbert_vecs"), post)
+    collector.add(batch, values)
+    return collector.finish()
 
-        def compact_colbert(self, *args, **kwargs):
-            CountingKernels.calls += 1
-            return super().compact_colbert(*args, **kwargs)
 
-    context = DeviceContext(
-        CountingKernels(),
-        _host_device_array(batch.input_ids),
-        _host_device_array(batch.attention_mask),
-        colbert_fp16=colbert_fp16,
-    )
-    outputs = ("dense_vecs", "sparse_weights", "colbert_vecs")
-    on_device = OutputCollector(len(ids), 6, outputs, (0, 1, 2, 3))
-    on_device.add(
-        batch,
-        {
-            "dense_vecs": _host_device_array(dense),
-            "sparse_weights": _host_device_array(sparse, context),
-            "colbert_vecs": _host_device_array(colbert, context),
-        },
-    )
-    assert CountingKernels.calls == 2  # sparse and ColBERT reduced by the kernels
-    on_host = OutputCollector(len(ids), 6, outputs, (0, 1, 2, 3))
-    on_host.add(batch, {"dense_vecs": dense, "sparse_weights": sparse, "colbert_vecs": colbert})
-    assert CountingKernels.calls == 2  # host arrays never reach the device kernels
-    (d1, s1, c1), (d2, s2, c2) = on_device.finish(), on_host.finish()
+@pytest.mark.parametrize("colbert_fp16", [False, True])
+def test_device_arrays_go_to_the_kernels_numpy_arrays_to_the_cpu_path(colbert_fp16):
+    lengths, batch, dense, sparse, colbert = _seam_case()
+    kernels = HostPointerKernels()
+    post = PostProcessor((0, 1, 2, 3), colbert_fp16=colbert_fp16, device_kernels=lambda device: kernels)
+    inputs = (_host_device_array(batch.input_ids), _host_device_array(batch.attention_mask))
+    on_device = {
+        "dense_vecs": _host_device_array(dense, inputs),
+        "sparse_weights": _host_device_array(sparse, inputs),
+        "colbert_vecs": _host_device_array(colbert, inputs),
+    }
+    d1, s1, c1 = _collect(batch, on_device, post)
+    assert kernels.calls == {"aggregate_sparse": 1, "compact_colbert": 1}  # reduced by the kernels
+    d2, s2, c2 = _collect(batch, {"dense_vecs": dense, "sparse_weights": sparse, "colbert_vecs": colbert}, post)
+    assert kernels.calls == {"aggregate_sparse": 1, "compact_colbert": 1}  # host arrays never reach them
     assert np.array_equal(d1, dense) and np.array_equal(d2, dense)
     # Both paths against FlagEmbedding's rules written out independently (tests/reference_rules.py).
+    dtype = np.float16 if colbert_fp16 else np.float32
     for row, n in enumerate(lengths):
         want = reference_rules.lexical_weights(sparse[row, :n], batch.input_ids[row, :n], {0, 1, 2, 3})
         for got in (s1.to_dicts()[row], s2.to_dicts()[row]):
             assert list(got) == list(want) and all(np.float32(got[k]) == np.float32(w) for k, w in want.items())
         rows = reference_rules.colbert_rows(colbert[row], batch.attention_mask[row])
-        assert c1[row].dtype == (np.float16 if colbert_fp16 else np.float32) and c2[row].dtype == np.float32
-        assert np.array_equal(c1[row], rows.astype(c1[row].dtype)) and np.array_equal(c2[row], rows)
+        assert c1[row].dtype == dtype and c2[row].dtype == dtype
+        assert np.array_equal(c1[row], rows.astype(dtype)) and np.array_equal(c2[row], rows.astype(dtype))
 
 
-def test_device_arrays_need_their_context_and_float32():
-    batch = pad_batch([np.array([0, 5, 2])], np.arange(1), pad_id=1)
-    collector = OutputCollector(1, 4, ("sparse_weights",), (0, 1, 2, 3))
-    with pytest.raises(RuntimeError, match="without a DeviceContext"):
-        collector.add(batch, {"sparse_weights": _host_device_array(np.ones((1, 3), np.float32))})
-    context = DeviceContext(
-        HostPointerKernels(), _host_device_array(batch.input_ids), _host_device_array(batch.input_ids)
+def test_outputs_the_kernels_cannot_read_are_reduced_on_the_host():
+    """Outputs without their batch's device inputs, outputs padded past the batch (a fixed-shape run)
+    and float16 outputs all go through the host heads, with the host heads' results."""
+    lengths, batch, dense, sparse, colbert = _seam_case(1)
+    kernels = HostPointerKernels()
+    post = PostProcessor((0, 1, 2, 3), device_kernels=lambda device: kernels)
+    _, want_sparse, want_colbert = _collect(
+        batch, {"dense_vecs": dense, "sparse_weights": sparse, "colbert_vecs": colbert}, post
     )
-    with pytest.raises(RuntimeError, match="float16"):
-        collector.add(batch, {"sparse_weights": _host_device_array(np.ones((1, 3), np.float16), context)})
+    inputs = (_host_device_array(batch.input_ids), _host_device_array(batch.attention_mask))
+    # Positions past the batch's length hold what a padded run would; they must never be read.
+    pad = len(lengths), 5
+    padded_sparse = np.concatenate([sparse, np.full(pad, 9.0, np.float32)], axis=1)
+    padded_colbert = np.concatenate([colbert, np.full((*pad, 6), 9.0, np.float32)], axis=1)
+    cases = {
+        "no device inputs": (_host_device_array(sparse), _host_device_array(colbert)),
+        "padded, host": (padded_sparse, padded_colbert),
+        "padded, device": (_host_device_array(padded_sparse, inputs), _host_device_array(padded_colbert, inputs)),
+    }
+    for case, (sparse_values, colbert_values) in cases.items():
+        _, got_sparse, got_colbert = _collect(
+            batch, {"dense_vecs": dense, "sparse_weights": sparse_values, "colbert_vecs": colbert_values}, post
+        )
+        assert got_sparse.to_dicts() == want_sparse.to_dicts(), case
+        assert all(np.array_equal(g, w) for g, w in zip(got_colbert, want_colbert)), case
+    half = {
+        "dense_vecs": dense,
+        "sparse_weights": sparse.astype(np.float16),
+        "colbert_vecs": colbert.astype(np.float16),
+    }
+    on_device = {k: _host_device_array(v, inputs) for k, v in half.items()}
+    widened = {k: v.astype(np.float32) for k, v in half.items()}
+    (_, s16, c16), (_, s32, c32) = _collect(batch, on_device, post), _collect(batch, widened, post)
+    assert s16.to_dicts() == s32.to_dicts() and all(np.array_equal(g, w) for g, w in zip(c16, c32))
+    assert kernels.calls == {"aggregate_sparse": 0, "compact_colbert": 0}
 
 
 def test_a_device_array_converts_by_copying():
@@ -416,25 +454,27 @@ def test_cuda_graph_buckets_match_the_plain_cuda_path(fused):
 def test_device_post_processing_equals_host_post_processing_of_the_same_outputs(fused, texts, colbert_fp16):
     _cuda_or_skip()
     model = M3Model.load(
-        fused, precision="fp16", device="cuda", backend_options={"cuda_graph": False, "colbert_fp16": colbert_fp16}
+        fused, precision="fp16", device="cuda", colbert_fp16=colbert_fp16, backend_options={"cuda_graph": False}
     )
     ids = model.tokenizer.encode(texts, max_length=512).ids
     batch = pad_batch(ids, np.arange(len(ids)), model.pad_id)
     outputs = ("dense_vecs", "sparse_weights", "colbert_vecs")
     values = model.backend.run(batch.input_ids, batch.attention_mask, outputs)
     assert isinstance(values["sparse_weights"], DeviceArray) and isinstance(values["colbert_vecs"], DeviceArray)
-    host = {k: v.to_host() if isinstance(v, DeviceArray) else v for k, v in values.items()}
+    host = {k: v.to_host() for k, v in values.items()}
+    on_host = PostProcessor(model.unused_ids, colbert_fp16=colbert_fp16, device_postprocess=False)
     results = []
-    for vals in (values, host):
-        collector = OutputCollector(len(ids), model.manifest.hidden_size, outputs, model.unused_ids)
+    for vals, post in ((values, model.postprocessor), (host, on_host)):
+        collector = OutputCollector(len(ids), model.manifest.hidden_size, outputs, post)
         collector.add(batch, vals)
         results.append(collector.finish())
+    assert model.postprocessor.kernels_for(0) is not None, model.postprocessor.notes
     (d1, s1, c1), (d2, s2, c2) = results
     assert np.array_equal(d1, d2)
     assert np.array_equal(s1.indptr, s2.indptr) and np.array_equal(s1.indices, s2.indices)
     assert np.array_equal(s1.values.view(np.uint32), s2.values.view(np.uint32))
     for a, b in zip(c1, c2):
-        assert np.array_equal(a, b.astype(np.float16) if colbert_fp16 else b)
+        assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
 @gpu
@@ -457,8 +497,16 @@ def test_cuda_fp32_plain_graph_matches_cpu_fp32(fused, texts):
 
 def _backend_on(device: str, graph, pad_id: int, **options):
     if device == "cpu":
-        return OnnxRuntimeCudaBackend(graph, device_type="cpu", pad_id=pad_id, **options)
+        return OnnxRuntimeCudaBackend(graph, device=HostDevice(), pad_id=pad_id, **options)
+    _cuda_or_skip()
     return OnnxRuntimeCudaBackend(graph, pad_id=pad_id, **options)
+
+
+def _postprocessor_on(device: str, **options) -> PostProcessor:
+    if device == "cpu":
+        kernels = HostPointerKernels()
+        return PostProcessor((0, 1, 2, 3), device_kernels=lambda d: kernels, **options)
+    return PostProcessor((0, 1, 2, 3), **options)
 
 
 def _padded(lengths, pad_id: int, seed: int = 0):
@@ -485,9 +533,11 @@ def test_held_outputs_of_a_plain_batch_survive_bucket_replays(fused, device):
     for name, value in held.items():
         assert np.array_equal(np.array(value), snapshot[name]), name
     # ...and post-processing the held outputs gives what the snapshot gives on the host.
-    collected = OutputCollector(4, manifest.hidden_size, OUTPUT_NAMES, (0, 1, 2, 3))
+    collected = OutputCollector(4, manifest.hidden_size, OUTPUT_NAMES, _postprocessor_on(device))
     collected.add(batch, held)
-    expected = OutputCollector(4, manifest.hidden_size, OUTPUT_NAMES, (0, 1, 2, 3))
+    expected = OutputCollector(
+        4, manifest.hidden_size, OUTPUT_NAMES, _postprocessor_on(device, device_postprocess=False)
+    )
     expected.add(batch, snapshot)
     (d1, s1, c1), (d2, s2, c2) = collected.finish(), expected.finish()
     assert np.array_equal(d1, d2) and s1.to_dicts() == s2.to_dicts()
@@ -504,10 +554,10 @@ def test_both_bound_inputs_are_256_byte_aligned_apart(fused, rows, length):
     backend = _backend_on("cpu", manifest.graph_path("fp16-fused"), pad_id, cuda_graph=False)
     batch = _padded([length] * rows, pad_id)
     outputs = backend.run(batch.input_ids, batch.attention_mask, OUTPUT_NAMES)
-    context = outputs["sparse_weights"].context
-    assert (context.attention_mask.ptr - context.input_ids.ptr) % 256 == 0
-    assert np.array_equal(context.input_ids.to_host(), batch.input_ids)
-    assert np.array_equal(context.attention_mask.to_host(), batch.attention_mask)
+    input_ids, attention_mask = outputs["sparse_weights"].batch_inputs
+    assert (attention_mask.ptr - input_ids.ptr) % 256 == 0
+    assert np.array_equal(input_ids.to_host(), batch.input_ids)
+    assert np.array_equal(attention_mask.to_host(), batch.attention_mask)
 
 
 @pytest.mark.parametrize("gpu_visible", [True, False])
@@ -538,7 +588,7 @@ def test_auto_backend_picks_onnxruntime_cuda_when_it_can_run(fused, monkeypatch,
 def test_capture_gate_keeps_cuda_work_and_captures_apart():
     import threading
 
-    from m3rt.cuda import CaptureGate
+    from m3rt.kernels.cuda_api import CaptureGate
 
     gate, events = CaptureGate(), []
     release_capture = threading.Event()

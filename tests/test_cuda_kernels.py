@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from m3rt.errors import BackendError
-from m3rt.kernels import SparseRows, aggregate_sparse, split_colbert
+from m3rt.kernels import SparseRows, aggregate_sparse, colbert_counts, split_colbert
 from m3rt.kernels import device as dk
+
+import kernel_cases as kc
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "kernels" / "cuda"
 EMULATOR_SOURCE = Path(__file__).resolve().parent / "cuda_emulation.cpp"
@@ -144,7 +146,7 @@ def test_importing_kernels_does_not_import_cuda_python():
 
 
 def test_no_gpu_is_a_clear_backend_error():
-    from m3rt.cuda import gpu_unavailable_reason
+    from m3rt.kernels.cuda_api import gpu_unavailable_reason
 
     if gpu_unavailable_reason() is None:
         pytest.skip("a GPU is visible")
@@ -192,16 +194,16 @@ def _emulate_sparse(exe, tmp_path, w, ids, mask, specials) -> SparseRows:
 
 
 # Every case of the GPU check except the two that only matter for throughput (huge grids emulate slowly).
-EMULATED_SPARSE = [c for c in dk.SPARSE_CASES if c not in ("large_batch", "empty_batch")]
+EMULATED_SPARSE = [c for c in kc.SPARSE_CASES if c not in ("large_batch", "empty_batch")]
 
 
 @pytest.mark.parametrize("case", EMULATED_SPARSE)
 def test_emulated_sparse_kernels_match_cpu(emulator, tmp_path, case):
     rng = np.random.default_rng(zlib.crc32(case.encode()))
-    w, ids, mask, specials = dk._sparse_case(rng, case)
+    w, ids, mask, specials = kc.sparse_case(rng, case)
     got = _emulate_sparse(emulator, tmp_path, w, ids, mask, specials)
     want = aggregate_sparse(w, ids, mask, specials)
-    assert dk.compare_sparse(got, want) == ""
+    assert kc.compare_sparse(got, want) == ""
     if case == "all_special" or case == "all_masked" or case == "non_positive":
         assert want.indptr[-1] == 0
     else:
@@ -213,8 +215,8 @@ def test_emulated_sparse_scan_spans_several_tiles(emulator, tmp_path):
     rng = np.random.default_rng(7)
     w = rng.standard_normal((1100, 3)).astype(np.float32)
     ids = rng.integers(0, 50, (1100, 3))
-    got = _emulate_sparse(emulator, tmp_path, w, ids, None, dk.SPECIALS)
-    assert dk.compare_sparse(got, aggregate_sparse(w, ids, None, dk.SPECIALS)) == ""
+    got = _emulate_sparse(emulator, tmp_path, w, ids, None, kc.SPECIALS)
+    assert kc.compare_sparse(got, aggregate_sparse(w, ids, None, kc.SPECIALS)) == ""
 
 
 @pytest.mark.parametrize("dim", [8, 6])
@@ -223,10 +225,10 @@ def test_emulated_colbert_kernel_matches_cpu(emulator, tmp_path, dim, fp16):
     rng = np.random.default_rng(dim + fp16)
     batch, rows = 5, 12
     vecs = rng.standard_normal((batch, rows, dim)).astype(np.float32) * 100
-    mask = dk._right_padded_mask(rng, batch, rows + 1)
+    mask = kc.right_padded_mask(rng, batch, rows + 1)
     mask[1] = 0
     mask[2] = 1
-    counts = dk.colbert_counts(mask)
+    counts = colbert_counts(mask)
     offsets = np.zeros(batch + 1 + (batch + 1) % 2, np.int64)
     offsets[1 : batch + 1] = np.cumsum(counts)
     head = np.array([batch, rows, dim, fp16], np.int64)
@@ -235,7 +237,7 @@ def test_emulated_colbert_kernel_matches_cpu(emulator, tmp_path, dim, fp16):
     flat = np.frombuffer(raw, dtype).reshape(-1, dim)
     got = [flat[lo:hi] for lo, hi in zip(offsets[:batch], offsets[1 : batch + 1])]
     want = [v.astype(dtype) for v in split_colbert(vecs, mask)]
-    assert dk.compare_colbert(got, want) == ""
+    assert kc.compare_colbert(got, want) == ""
 
 
 # -- (c) on a GPU ------------------------------------------------------------------------------
@@ -243,7 +245,7 @@ def test_emulated_colbert_kernel_matches_cpu(emulator, tmp_path, dim, fp16):
 
 @pytest.fixture(scope="module")
 def gpu_kernels():
-    from m3rt.cuda import gpu_unavailable_reason
+    from m3rt.kernels.cuda_api import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason is not None:
@@ -254,7 +256,7 @@ def gpu_kernels():
 
 @pytest.mark.gpu
 def test_device_kernels_match_cpu_kernels(gpu_kernels):
-    results = dk.check_kernels_against_cpu(gpu_kernels, np.random.default_rng(0))
+    results = kc.check_kernels_against_cpu(gpu_kernels, np.random.default_rng(0))
     assert {case for case, _, _ in results} == set(dk.CASES)
     failed = [f"{case}: {detail}" for case, ok, detail in results if not ok]
     assert not failed, "\n".join(failed)
@@ -263,8 +265,8 @@ def test_device_kernels_match_cpu_kernels(gpu_kernels):
 @pytest.mark.gpu
 def test_device_kernels_reuse_scratch_in_steady_state(gpu_kernels):
     rng = np.random.default_rng(1)
-    first = dk.check_kernels_against_cpu(gpu_kernels, rng, ["long_8192", "colbert_8192"])
+    first = kc.check_kernels_against_cpu(gpu_kernels, rng, ["long_8192", "colbert_8192"])
     buffers = dict(gpu_kernels._device_buffers)
-    again = dk.check_kernels_against_cpu(gpu_kernels, rng, ["random", "long_8192", "colbert_random", "colbert_8192"])
+    again = kc.check_kernels_against_cpu(gpu_kernels, rng, ["random", "long_8192", "colbert_random", "colbert_8192"])
     assert all(ok for _, ok, _ in first + again), first + again
     assert gpu_kernels._device_buffers == buffers  # nothing was reallocated

@@ -16,7 +16,7 @@ import pytest
 import m3rt.pipeline
 from m3rt import BackendError, InputError, InputTooLongError, M3Model
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
-from m3rt.postprocess import OutputCollector, colbert_rows, sparse_rows
+from m3rt.postprocess import OutputCollector
 from m3rt.scheduler import pad_batch, plan_batches, split_batch, token_lengths
 
 import reference_rules
@@ -64,16 +64,17 @@ def _batches(model: M3Model, texts: list[str], batch_size: int = 4):
 # ---------------------------------------------------------------------- post-processing
 
 
-def test_seam_functions_follow_flag_embeddings_rules(tiny_model, texts):
+def test_heads_follow_flag_embeddings_rules(tiny_model, texts):
     batch = _batches(tiny_model, texts)[0]
     values = tiny_model.backend.run(batch.input_ids, batch.attention_mask, OUTPUTS)
-    got = sparse_rows(values["sparse_weights"], batch, tiny_model.unused_ids).to_dicts()
+    post = tiny_model.postprocessor
+    got = post.apply("sparse_weights", values["sparse_weights"], batch).to_dicts()
     for row, (weights, ids, mask) in enumerate(zip(values["sparse_weights"], batch.input_ids, batch.attention_mask)):
         n = int(mask.sum())
         want = reference_rules.lexical_weights(weights[:n], ids[:n], set(tiny_model.unused_ids))
         assert list(got[row]) == list(want)  # first-occurrence order
         assert all(np.float32(got[row][k]) == np.float32(w) for k, w in want.items())
-    for row, vectors in enumerate(colbert_rows(values["colbert_vecs"], batch)):
+    for row, vectors in enumerate(post.apply("colbert_vecs", values["colbert_vecs"], batch)):
         np.testing.assert_array_equal(
             vectors, reference_rules.colbert_rows(values["colbert_vecs"][row], batch.attention_mask[row])
         )
@@ -83,7 +84,7 @@ def test_collector_restores_input_order_whatever_the_arrival_order(tiny_model, t
     results = [(b, tiny_model.backend.run(b.input_ids, b.attention_mask, OUTPUTS)) for b in _batches(tiny_model, texts)]
 
     def collect(order):
-        collector = OutputCollector(len(texts), tiny_model.manifest.hidden_size, OUTPUTS, tiny_model.unused_ids)
+        collector = OutputCollector(len(texts), tiny_model.manifest.hidden_size, OUTPUTS, tiny_model.postprocessor)
         for batch, values in order:
             collector.add(batch, values)
         dense, sparse, colbert = collector.finish()
@@ -100,7 +101,7 @@ def test_collector_restores_input_order_whatever_the_arrival_order(tiny_model, t
 def test_collector_refuses_duplicates_and_reports_lost_inputs(tiny_model, texts):
     batch = _batches(tiny_model, texts)[0]
     values = tiny_model.backend.run(batch.input_ids, batch.attention_mask, OUTPUTS)
-    collector = OutputCollector(len(texts), tiny_model.manifest.hidden_size, OUTPUTS, tiny_model.unused_ids)
+    collector = OutputCollector(len(texts), tiny_model.manifest.hidden_size, OUTPUTS, tiny_model.postprocessor)
     collector.add(batch, values)
     with pytest.raises(RuntimeError, match="delivered twice"):
         collector.add(batch, values)

@@ -30,7 +30,7 @@ class Backend(Protocol):
 
 def _tensorrt_usable() -> bool:
     from m3rt.backends.tensorrt import import_tensorrt
-    from m3rt.cuda import gpu_unavailable_reason
+    from m3rt.kernels.cuda_api import gpu_unavailable_reason
 
     try:
         import_tensorrt()

@@ -2,10 +2,9 @@
 
 - inputs: one host->device copy per batch (ids and mask in one int64 buffer allocated by ONNX Runtime's
   CUDA allocator), bound with IOBinding;
-- outputs: bound to device buffers of our own and left there. Dense ([B, 1024], small) is copied to
-  the host; the sparse weights and ColBERT vectors are returned as `DeviceArray`s that
-  `m3rt.postprocess` hands to the device kernels (`DeviceKernels`), so only the compact sparse entries
-  and the unpadded ColBERT rows cross PCIe;
+- outputs: bound to device buffers of our own and returned there, raw, as `DeviceArray`s; the
+  post-processor (`m3rt.postprocess`) reduces the sparse weights and ColBERT vectors with the device
+  kernels, so only the compact sparse entries and the unpadded ColBERT rows cross PCIe;
 - CUDA graphs for batch-1 queries: the query is right-padded to a bucket length (16/32/64 tokens by
   default) and replayed from one captured graph per bucket (ONNX Runtime's `gpu_graph_id` run option);
   every other batch runs normally (`gpu_graph_id=-1`) in the same session.
@@ -16,7 +15,6 @@ sources (cited inline); `benchmarks/gpu_check.py` is the check that runs it.
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,7 +36,7 @@ from m3rt.backends.onnxruntime import (
     ort,
 )
 from m3rt.core import Capabilities
-from m3rt.device_array import DeviceArray, DeviceContext, HostPointerKernels
+from m3rt.device_array import DeviceArray
 from m3rt.errors import ArtifactError, BackendError, BackendOutOfMemory, M3Error
 from m3rt.manifest import INPUT_NAMES, OUTPUT_NAMES
 
@@ -56,7 +54,7 @@ def cuda_unavailable_reason() -> str | None:
             f"ONNX Runtime could not start {CUDA_PROVIDER}: {CPU_BUILD_HINT}. "
             f"Providers in this install: {', '.join(available)}"
         )
-    from m3rt.cuda import gpu_unavailable_reason
+    from m3rt.kernels.cuda_api import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason is not None:
@@ -78,26 +76,43 @@ def _preload_cuda_libraries() -> None:
         pass
 
 
-class _CudaMemory:
-    """Device buffers live in ONNX Runtime's CUDA arena; copies and kernels use our own streams."""
+class CudaDevice:
+    """Where the backend's buffers live and how its sessions are made: one CUDA GPU.
 
-    device_type = "cuda"
+    Buffers come from ONNX Runtime's CUDA allocator (`OrtValue` on "cuda"); input copies use a stream
+    of our own. The backend reaches the device only through this object (`device=` of
+    `OnnxRuntimeCudaBackend`), so the same IOBinding code also runs on a stand-in that keeps its
+    buffers in host memory, which is how it is tested on machines without a GPU.
+    """
 
-    def __init__(self, device_id: int) -> None:
-        from m3rt.cuda import check, runtime_api
+    ort_device = "cuda"
 
-        self.device_id = device_id
+    def __init__(self, device_id: int = 0) -> None:
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise BackendError(reason)
+        _preload_cuda_libraries()
+        from m3rt.kernels.cuda_api import check, runtime_api
+
+        self.device_id = int(device_id)
         self._cudart, self._check = runtime_api(), check
-        check(self._cudart.cudaSetDevice(device_id))
-        flags = self._cudart.cudaStreamNonBlocking
+        check(self._cudart.cudaSetDevice(self.device_id))
         # Host->device input copies; synchronized before each run (pageable source, any size).
-        self._copy_stream = int(check(self._cudart.cudaStreamCreateWithFlags(flags)))
-        # Device post-processing (DeviceKernels synchronize it before returning). Why no wait on ONNX
-        # Runtime's stream: `run_with_iobinding` synchronizes the EP's stream before it returns unless
-        # the run option `disable_synchronize_execution_providers` is "1" (InferenceSession::Run ->
-        # OnRunEnd(sync_stream=true) -> cudaStreamSynchronize; a CUDA-graph replay syncs too), and we
-        # never set it. So the outputs are complete when the kernels read them, on any stream.
-        self.post_stream = int(check(self._cudart.cudaStreamCreateWithFlags(flags)))
+        self._copy_stream = int(check(self._cudart.cudaStreamCreateWithFlags(self._cudart.cudaStreamNonBlocking)))
+
+    def providers(self, options: dict[str, str], cuda_graph: bool) -> list[Any]:
+        cuda = {"device_id": str(self.device_id), **options}
+        if cuda_graph:
+            cuda["enable_cuda_graph"] = "1"
+        return [(CUDA_PROVIDER, cuda), "CPUExecutionProvider"]
+
+    def check_session(self, session: Any) -> None:
+        # ONNX Runtime falls back to CPU silently when CUDA cannot start (e.g. missing cuDNN).
+        if CUDA_PROVIDER not in session.get_providers():
+            raise BackendError(
+                f"ONNX Runtime could not start {CUDA_PROVIDER} (running: {', '.join(session.get_providers())}); "
+                "its CUDA/cuDNN libraries did not load: import torch first or pip install 'm3rt[gpu]'"
+            )
 
     def activate(self) -> None:
         # Calls may come from any thread; ONNX Runtime sets its device per run, our copies need it too.
@@ -110,57 +125,28 @@ class _CudaMemory:
         # The copy is on our stream, ONNX Runtime computes on its own: finish the copy before the run.
         self._check(cudart.cudaStreamSynchronize(self._copy_stream))
 
-    def kernels(self) -> Any:
-        from m3rt.kernels.device import DeviceKernels
-
-        return DeviceKernels(self.device_id)
+    def array(self, ptr: int, shape: Sequence[int], dtype: Any, **fields: Any) -> DeviceArray:
+        return DeviceArray(ptr, tuple(shape), dtype, self.device_id, **fields)
 
     def close(self) -> None:
-        for stream in (self._copy_stream, self.post_stream):
-            if stream:
-                self._cudart.cudaStreamDestroy(stream)
-        self._copy_stream = self.post_stream = 0
-
-
-class _HostMemory:
-    """The same IOBinding path on ONNX Runtime's CPU allocator: lets machines without a GPU test the
-    binding, bucket padding and device-array plumbing for real (ORT CPU, host pointers)."""
-
-    device_type = "cpu"
-    post_stream = 0
-
-    def __init__(self, device_id: int) -> None:
-        self.device_id = device_id
-
-    def activate(self) -> None:
-        pass
-
-    def upload(self, dst_ptr: int, host: np.ndarray) -> None:
-        ctypes.memmove(dst_ptr, host.ctypes.data, host.nbytes)
-
-    def kernels(self) -> Any:
-        return HostPointerKernels()
-
-    def close(self) -> None:
-        pass
+        if self._copy_stream:
+            self._cudart.cudaStreamDestroy(self._copy_stream)
+        self._copy_stream = 0
 
 
 class OnnxRuntimeCudaBackend:
     """ONNX Runtime on one CUDA GPU with IOBinding, device-resident outputs and CUDA graphs.
 
     Not thread-safe (`capabilities`): the CUDA-graph buckets own fixed device buffers, and the host->device copy
-    uses one stream; `M3Model` runs one batch at a time on it (the GPU runs one at a time anyway).
+    uses one stream; the core runs one batch at a time on it (the GPU runs one at a time anyway).
     Outputs of different calls never share memory, so the post-processing of batch k (in the
     caller's thread) overlaps the run of batch k+1 safely. With CUDA graphs on, every run executes on
     one worker thread of the backend, whichever thread calls (see `_on_worker`).
 
-    `device_type="cpu"` runs the identical IOBinding code on ONNX Runtime's CPU provider and host
-    memory (no CUDA graphs: buckets are plain padded runs; `HostPointerKernels` instead of the CUDA
-    kernels). It exists so that this path is tested on machines without a GPU.
+    `device`: where buffers live and how sessions are made (`CudaDevice(device_id)` by default).
     """
 
     name = "onnxruntime"
-    capabilities = Capabilities(thread_safe=False, device_outputs=True)
 
     def __init__(
         self,
@@ -171,55 +157,33 @@ class OnnxRuntimeCudaBackend:
         provider_options: dict[str, Any] | None = None,
         cuda_graph: bool = True,
         graph_buckets: Iterable[int] = DEFAULT_GRAPH_BUCKETS,
-        device_postprocess: bool = True,
-        colbert_fp16: bool = False,
-        device_type: str = "cuda",
+        device: Any = None,
     ) -> None:
-        if device_type not in ("cuda", "cpu"):
-            raise ArtifactError(f"device_type {device_type!r}: expected 'cuda' or 'cpu'")
-        if device_type == "cuda":
-            reason = cuda_unavailable_reason()
-            if reason is not None:
-                raise BackendError(reason)
-            _preload_cuda_libraries()
-        self.device_id = int(device_id)
-        self.device_type = device_type
+        self.device = device if device is not None else CudaDevice(device_id)
+        self.device_id = self.device.device_id
+        self.capabilities = Capabilities(thread_safe=False, output_device=self.device_id)
         self.pad_id = int(pad_id)
         self.graph_path = Path(graph_path)
         self.notes: list[str] = []
         self._lock = threading.Lock()
+        self._provider_options = {k: _option_text(v) for k, v in (provider_options or {}).items()}
         self.cuda_graph = False
         self._session: Any = None
-        if device_type == "cuda":
-            base = {
-                "device_id": str(self.device_id),
-                **{k: _option_text(v) for k, v in (provider_options or {}).items()},
-            }
-            if cuda_graph:
-                try:
-                    self._session = self._create_session({**base, "enable_cuda_graph": "1"})
-                    self.cuda_graph = True
-                except BackendOutOfMemory:
-                    raise
-                except BackendError as exc:
-                    # ONNX Runtime refuses graph capture at session creation when a compute node is not on
-                    # the CUDA EP (besides shape computation); the plain session still runs everything.
-                    self.notes.append(f"CUDA graphs off: {exc}")
-            if self._session is None:
-                self._session = self._create_session(base)
-        else:
-            self._session = self._create_session(None)
+        if cuda_graph:
+            try:
+                self._session = self._create_session(cuda_graph=True)
+                self.cuda_graph = True
+            except BackendOutOfMemory:
+                raise
+            except BackendError as exc:
+                # ONNX Runtime refuses graph capture at session creation when a compute node is not on
+                # the CUDA EP (besides shape computation); the plain session still runs everything.
+                self.notes.append(f"CUDA graphs off: {exc}")
+        if self._session is None:
+            self._session = self._create_session(cuda_graph=False)
         self.providers = self._session.get_providers()
         self._output_types = {o.name: o.type for o in self._session.get_outputs()}
         self._output_dims = {o.name: o.shape for o in self._session.get_outputs()}
-        self._memory: Any = _CudaMemory(self.device_id) if device_type == "cuda" else _HostMemory(self.device_id)
-        self.colbert_fp16 = bool(colbert_fp16)
-        self._kernels: Any = None
-        if device_postprocess:
-            try:
-                self._kernels = self._memory.kernels()
-            except BackendError as exc:  # e.g. no libnvrtc: outputs are copied and reduced on the CPU
-                self.notes.append(f"device post-processing off, outputs copied to the host: {exc}")
         self._plain_run = ort.RunOptions()
         if self.cuda_graph:
             # gpu_graph_id=-1: this run neither captures nor replays (onnxruntime_run_options_config_keys.h).
@@ -232,7 +196,7 @@ class OnnxRuntimeCudaBackend:
         # per large encode call) would keep a context of its own for good. So a graph-enabled session
         # runs on one long-lived thread of ours; calls hand over to it (tens of microseconds).
         self._worker: ThreadPoolExecutor | None = None
-        if cuda_graph and (self.cuda_graph or device_type == "cpu"):
+        if self.cuda_graph:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3rt-onnxruntime")
             # Graphs are an optimisation: whatever fails while setting them up (a symbolic output
             # dimension, a bucket buffer that does not fit, a refused capture) turns them off and the
@@ -245,15 +209,13 @@ class OnnxRuntimeCudaBackend:
                 # post-processing kernels of the previous batch) would invalidate the capture.
                 self.warmup()
             except Exception as exc:
-                if device_type != "cuda":
-                    raise
                 self.notes.append(f"CUDA graphs off: setting them up failed: {exc}")
                 self._buckets.clear()
                 self._worker.shutdown(wait=True)
                 self._worker = None
                 self.cuda_graph = False
                 self._session = None  # release the graph session's memory before the plain one loads
-                self._session = self._create_session(base)
+                self._session = self._create_session(cuda_graph=False)
                 self._plain_run = ort.RunOptions()
 
     def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -263,11 +225,8 @@ class OnnxRuntimeCudaBackend:
 
     # -- construction ---------------------------------------------------------------------------
 
-    def _create_session(self, cuda_options: dict[str, str] | None) -> Any:
-        if cuda_options is None:
-            providers: list[Any] = ["CPUExecutionProvider"]
-        else:
-            providers = [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"]
+    def _create_session(self, cuda_graph: bool) -> Any:
+        providers = self.device.providers(self._provider_options, cuda_graph)
         try:
             session = ort.InferenceSession(str(self.graph_path), _session_options(), providers=providers)
         except Exception as exc:
@@ -278,12 +237,7 @@ class OnnxRuntimeCudaBackend:
                 raise BackendError(text) from exc
             raise ArtifactError(f"ONNX Runtime cannot load {self.graph_path}: {text}") from exc
         _check_io(session, self.graph_path)
-        # ONNX Runtime falls back to CPU silently when CUDA cannot start (e.g. missing cuDNN).
-        if cuda_options is not None and CUDA_PROVIDER not in session.get_providers():
-            raise BackendError(
-                f"ONNX Runtime could not start {CUDA_PROVIDER} (running: {', '.join(session.get_providers())}); "
-                "its CUDA/cuDNN libraries did not load: import torch first or pip install 'm3rt[gpu]'"
-            )
+        self.device.check_session(session)
         return session
 
     # -- running --------------------------------------------------------------------------------
@@ -291,12 +245,12 @@ class OnnxRuntimeCudaBackend:
     def run(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
     ) -> dict[str, np.ndarray | DeviceArray]:
-        """Dense comes back as host float32; sparse and ColBERT as DeviceArrays (host float32 when
-        device post-processing is off, the graph emits float16, or the batch ran from a CUDA graph)."""
+        """The graph's raw outputs: `DeviceArray`s left on the device (with the batch's device inputs
+        beside them), or host arrays at a bucket's padded length when the batch ran from a CUDA graph."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         shape = tuple(input_ids.shape)
-        from m3rt.cuda import CAPTURE_GATE
+        from m3rt.kernels.cuda_api import CAPTURE_GATE
 
         with self._lock, CAPTURE_GATE.shared():
             try:
@@ -309,7 +263,7 @@ class OnnxRuntimeCudaBackend:
     def _run(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
     ) -> dict[str, np.ndarray | DeviceArray]:
-        self._memory.activate()
+        self.device.activate()
         bucket = self._bucket_for(input_ids)
         if bucket is not None:
             return bucket.run(input_ids, attention_mask, outputs)
@@ -319,10 +273,6 @@ class OnnxRuntimeCudaBackend:
     def graph_buckets(self) -> dict[int, int]:
         """Bucket length -> how many queries its CUDA graph has run (warm-up included)."""
         return {length: bucket.runs for length, bucket in sorted(self._buckets.items())}
-
-    @property
-    def device_postprocess(self) -> bool:
-        return self._kernels is not None
 
     @contextmanager
     def graphs_off(self) -> Iterator[None]:
@@ -341,7 +291,7 @@ class OnnxRuntimeCudaBackend:
         return self._buckets[min(fits)] if fits else None
 
     def _new_buffer(self, shape: Sequence[int], dtype: Any) -> Any:
-        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, self.device_id)
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device.ort_device, self.device_id)
 
     def _upload_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, buffer: Any = None) -> Any:
         """Both inputs in one int64 device buffer, [2, stride]: one allocation and one copy per batch.
@@ -359,7 +309,7 @@ class OnnxRuntimeCudaBackend:
             buffer = self._new_buffer(host.shape, np.int64)
         elif tuple(buffer.shape()) != host.shape:  # a bucket's fixed buffer: never write past it
             raise BackendError(f"input buffer {tuple(buffer.shape())} cannot hold {host.shape}")
-        self._memory.upload(int(buffer.data_ptr()), host)
+        self.device.upload(int(buffer.data_ptr()), host)
         return buffer
 
     def _bind_inputs(self, io: Any, buffer: Any, shape: tuple[int, int]) -> tuple[DeviceArray, DeviceArray]:
@@ -368,8 +318,8 @@ class OnnxRuntimeCudaBackend:
         arrays = []
         for k, name in enumerate(INPUT_NAMES):
             address = ptr + k * offset
-            io.bind_input(name, self.device_type, self.device_id, np.int64, list(shape), address)
-            arrays.append(DeviceArray(address, shape, np.int64, self.device_id, self.device_type, owner=buffer))
+            io.bind_input(name, self.device.ort_device, self.device_id, np.int64, list(shape), address)
+            arrays.append(self.device.array(address, shape, np.int64, owner=buffer))
         return arrays[0], arrays[1]
 
     def _output_shape(self, name: str, batch: int, length: int) -> list[int]:
@@ -381,8 +331,7 @@ class OnnxRuntimeCudaBackend:
         return [batch, length - 1, feature] if name == "colbert_vecs" else [batch, feature]
 
     def _new_output(self, name: str, batch: int, length: int) -> Any:
-        dtype = np.float16 if self._output_types[name] == "tensor(float16)" else np.float32
-        return self._new_buffer(self._output_shape(name, batch, length), dtype)
+        return self._new_buffer(self._output_shape(name, batch, length), _numpy_dtype(self._output_types[name]))
 
     def _run_plain(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Sequence[str]
@@ -391,7 +340,7 @@ class OnnxRuntimeCudaBackend:
         # valid (held by the returned DeviceArrays) while later batches run with their own bindings.
         io = self._session.io_binding()
         buffer = self._upload_inputs(input_ids, attention_mask)
-        ids_dev, mask_dev = self._bind_inputs(io, buffer, tuple(input_ids.shape))
+        inputs = self._bind_inputs(io, buffer, tuple(input_ids.shape))
         # Outputs in buffers of our own, from ONNX Runtime's per-device allocator (as the inputs), not
         # from the session's arena: the arena also holds what the captured CUDA graphs use, and a
         # graph replay writes to its captured addresses whether or not the arena has since handed
@@ -400,36 +349,24 @@ class OnnxRuntimeCudaBackend:
         for name, value in zip(outputs, values):
             io.bind_ortvalue_output(name, value)
         self._session.run_with_iobinding(io, self._plain_run)
-        context = None
-        if self._kernels is not None:
-            context = DeviceContext(self._kernels, ids_dev, mask_dev, self._memory.post_stream, self.colbert_fp16)
-        result: dict[str, np.ndarray | DeviceArray] = {}
-        for name, value in zip(outputs, values):
-            float32 = value.data_type() == "tensor(float)"
-            if name != "dense_vecs" and context is not None and float32:
-                result[name] = DeviceArray(
-                    int(value.data_ptr()), tuple(value.shape()), np.float32, self.device_id, self.device_type,
-                    owner=(io, value, buffer), context=context,
-                )  # fmt: skip
-            else:
-                result[name] = self._host_output(name, value.numpy())
-        return result
-
-    def _host_output(self, name: str, array: np.ndarray) -> np.ndarray:
-        # ColBERT in the dtype the device path returns (float16 when asked for), everything else float32.
-        dtype = np.float16 if name == "colbert_vecs" and self.colbert_fp16 else np.float32
-        return np.ascontiguousarray(array, dtype=dtype)
+        return {
+            name: self.device.array(
+                int(value.data_ptr()), tuple(value.shape()), _numpy_dtype(value.data_type()),
+                owner=(io, value, buffer), batch_inputs=inputs,
+            )
+            for name, value in zip(outputs, values)
+        }  # fmt: skip
 
     def warmup(self) -> None:
         """Run every bucket a few times: ONNX Runtime captures its CUDA graph there (done at construction;
         later calls only replay)."""
 
         def warm() -> None:
-            self._memory.activate()
+            self.device.activate()
             for bucket in self._buckets.values():
                 bucket.warmup()
 
-        from m3rt.cuda import CAPTURE_GATE
+        from m3rt.kernels.cuda_api import CAPTURE_GATE
 
         with self._lock, CAPTURE_GATE.exclusive():
             self._on_worker(warm)
@@ -440,10 +377,11 @@ class OnnxRuntimeCudaBackend:
             if self._worker is not None:
                 self._worker.shutdown(wait=True)
                 self._worker = None
-            if self._kernels is not None and hasattr(self._kernels, "close"):
-                self._kernels.close()
-            self._kernels = None
-            self._memory.close()
+            self.device.close()
+
+
+def _numpy_dtype(onnx_type: str) -> Any:
+    return np.float16 if onnx_type == "tensor(float16)" else np.float32
 
 
 def _input_stride(count: int) -> int:
@@ -465,7 +403,8 @@ class _GraphBucket:
     Padding does not change a real token's outputs: padded positions have attention_mask 0, and the
     fused Attention op turns the mask into per-row key lengths (right padding), so padded keys get
     no attention weight; XLM-R's position ids count non-pad tokens, so real positions are unchanged.
-    The dense vector is the first token's; sparse and ColBERT are sliced back to the real length.
+    The dense vector is the first token's; the post-processor reads sparse and ColBERT at the batch's
+    real positions only.
     (GEMMs of a different row count may pick other kernels: float round-off only.)
 
     Outputs are copied to the host before `run` returns: the next query of this length overwrites
@@ -504,5 +443,6 @@ class _GraphBucket:
         self.backend._upload_inputs(ids, mask, self.inputs)
         self.backend._session.run_with_iobinding(self.io, self.run_options)
         self.runs += 1
-        cut = {"dense_vecs": np.s_[:], "sparse_weights": np.s_[:, :real], "colbert_vecs": np.s_[:, : real - 1]}
-        return {name: self.backend._host_output(name, self.outputs[name].numpy()[cut[name]]) for name in outputs}
+        # Host copies, since the next query of this length overwrites the buffers; at the bucket's
+        # padded length (the post-processor reads the batch's own positions).
+        return {name: self.outputs[name].numpy() for name in outputs}

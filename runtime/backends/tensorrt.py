@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from m3rt.core import Capabilities
-from m3rt.cuda import CAPTURE_GATE, check, device_description, runtime_api
 from m3rt.errors import ArtifactError, BackendError
+from m3rt.kernels.cuda_api import CAPTURE_GATE, check, device_description, runtime_api
 from m3rt.manifest import INPUT_NAMES, EngineInfo
 from m3rt.profiles import Profile, select_profile
 

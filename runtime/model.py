@@ -142,9 +142,7 @@ class M3Model:
             device=device,
             backend_options=backend_options,
         )
-        post = PostProcessor(
-            _unused_ids(manifest), colbert_fp16=colbert_fp16, device_postprocess=device_postprocess
-        )
+        post = PostProcessor(_unused_ids(manifest), colbert_fp16=colbert_fp16, device_postprocess=device_postprocess)
         return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), postprocessor=post, **options)
 
     @property

@@ -126,6 +126,12 @@ class TorchBackend:
         module = load_reference(Path(checkpoint), attn_implementation="sdpa")
         self._module = (module.half() if self.fp16 else module).to(device).eval()
 
+    def close(self) -> None:
+        """Release the model's weights (GBs on the GPU) now rather than at garbage collection."""
+        self._module = None
+        if self._device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():

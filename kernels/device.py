@@ -209,6 +209,12 @@ class DeviceKernels:
 
     # -- public API ------------------------------------------------------------------------------
 
+    @property
+    def scratch(self) -> dict[str, tuple[int, int]]:
+        """The device scratch buffers by name: (pointer, bytes); equal across calls in steady state."""
+        with self._lock:
+            return dict(self._device_buffers)
+
     def aggregate_sparse(
         self,
         weights_ptr: int,

@@ -249,27 +249,30 @@ def test_outputs_are_device_arrays_that_outlive_later_runs(iobinding_models):
     assert np.array_equal(first["sparse_weights"].batch_inputs[0].to_host(), ids)
 
 
-def test_a_graph_enabled_session_runs_on_one_thread_whoever_calls(iobinding_models, texts, monkeypatch):
+def test_a_graph_enabled_session_runs_on_one_thread_whoever_calls(fused, iobinding_models, texts, monkeypatch):
     # ONNX Runtime keeps CUDA graphs per thread: every run must come from the backend's own worker.
     import threading
 
+    class RecordingDevice(HostDevice):
+        """Records the thread of every run (the backend activates its device first thing in a run)."""
+
+        seen: set[str] = set()
+
+        def activate(self) -> None:
+            self.seen.add(threading.current_thread().name)
+
     bound, _ = iobinding_models
-    backend = bound.backend
-    seen: set[str] = set()
-    inner = backend._run
-
-    def recording(*args):
-        seen.add(threading.current_thread().name)
-        return inner(*args)
-
-    monkeypatch.setattr(backend, "_run", recording)
+    backend = OnnxRuntimeCudaBackend(fused / "model.fp16.fused.onnx", device=RecordingDevice(), graph_buckets=(8,))
+    model = M3Model(bound.manifest, backend, bound.tokenizer, postprocessor=_host_kernels(bound))
     monkeypatch.setattr("m3rt.pipeline.CHUNK_TEXTS", 9)  # the threaded pipeline: a backend thread per call
-    threads = [threading.Thread(target=bound.encode, args=(texts,), kwargs=dict(batch_size=2, **ALL)) for _ in range(3)]
+    threads = [threading.Thread(target=model.encode, args=(texts,), kwargs=dict(batch_size=2, **ALL)) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    bound.encode("a query", **ALL)
+    model.encode("a query", **ALL)
+    model.close()
+    seen = RecordingDevice.seen
     assert len(seen) == 1 and next(iter(seen)).startswith("m3rt-onnxruntime")
 
 

@@ -257,7 +257,7 @@ def gpu_kernels():
 @pytest.mark.gpu
 def test_device_kernels_match_cpu_kernels(gpu_kernels):
     results = kc.check_kernels_against_cpu(gpu_kernels, np.random.default_rng(0))
-    assert {case for case, _, _ in results} == set(dk.CASES)
+    assert {case for case, _, _ in results} == set(kc.CASES)
     failed = [f"{case}: {detail}" for case, ok, detail in results if not ok]
     assert not failed, "\n".join(failed)
 
@@ -266,7 +266,7 @@ def test_device_kernels_match_cpu_kernels(gpu_kernels):
 def test_device_kernels_reuse_scratch_in_steady_state(gpu_kernels):
     rng = np.random.default_rng(1)
     first = kc.check_kernels_against_cpu(gpu_kernels, rng, ["long_8192", "colbert_8192"])
-    buffers = dict(gpu_kernels._device_buffers)
+    buffers = gpu_kernels.scratch
     again = kc.check_kernels_against_cpu(gpu_kernels, rng, ["random", "long_8192", "colbert_random", "colbert_8192"])
     assert all(ok for _, ok, _ in first + again), first + again
-    assert gpu_kernels._device_buffers == buffers  # nothing was reallocated
+    assert gpu_kernels.scratch == buffers  # nothing was reallocated

@@ -85,7 +85,7 @@ def test_fused_fp16_is_within_the_fp16_gates_of_pytorch_fp32(full, texts):
     try:
         want = reference.encode(texts, batch_size=8, max_length=8192, **ALL)
     finally:
-        reference.backend._module = None  # its 2 GB of fp32 weights, before the next test loads more
+        reference.close()  # its 2 GB of fp32 weights, before the next test loads more
     got = model.encode(texts, batch_size=8, max_length=8192, **ALL)
     figures = compare_outputs(got, want)
     gate = DEFAULT_GATES["fp16"]

@@ -4,6 +4,7 @@
 #include <unicode/bytestream.h>
 #include <unicode/normalizer2.h>
 #include <unicode/regex.h>
+#include <unicode/uniset.h>
 #include <unicode/uchar.h>
 #include <unicode/unistr.h>
 #include <unicode/utext.h>
@@ -167,15 +168,27 @@ class Precompiled final : public Normalizer {
     std::unique_ptr<icu::BreakIterator> prototype_;
 };
 
+// tokenizers normalises with the unicode-normalization-alignments crate, whose decomposition tables
+// predate Unicode 12: characters assigned later keep their form there (U+1F16C, U+1FBF0..9, U+A7F2..4,
+// U+107xx, ...). ICU knows them, so they are excluded from normalisation: the filter set is everything
+// except characters that have a decomposition and were assigned after Unicode 11.0.
+constexpr const char* kNormalizableSet = "[^[[:^dt=none:]-[:age=11.0:]]]";
+
 class UnicodeNormalForm final : public Normalizer {
  public:
     explicit UnicodeNormalForm(const std::string& form) {
         UErrorCode status = U_ZERO_ERROR;
-        if (form == "NFC") norm_ = icu::Normalizer2::getNFCInstance(status);
-        else if (form == "NFD") norm_ = icu::Normalizer2::getNFDInstance(status);
-        else if (form == "NFKC") norm_ = icu::Normalizer2::getNFKCInstance(status);
-        else norm_ = icu::Normalizer2::getNFKDInstance(status);
+        const icu::Normalizer2* base;
+        if (form == "NFC") base = icu::Normalizer2::getNFCInstance(status);
+        else if (form == "NFD") base = icu::Normalizer2::getNFDInstance(status);
+        else if (form == "NFKC") base = icu::Normalizer2::getNFKCInstance(status);
+        else base = icu::Normalizer2::getNFKDInstance(status);
         if (U_FAILURE(status)) throw Error(M3RT_RUNTIME_ERROR, "ICU " + form + " normalizer unavailable");
+        set_ = std::make_unique<icu::UnicodeSet>(icu::UnicodeString(kNormalizableSet, -1, US_INV), status);
+        if (U_FAILURE(status)) throw Error(M3RT_RUNTIME_ERROR, "ICU Unicode set unavailable");
+        set_->freeze();
+        filtered_ = std::make_unique<icu::FilteredNormalizer2>(*base, *set_);
+        norm_ = filtered_.get();
     }
     void apply(std::string& text) const override {
         UErrorCode status = U_ZERO_ERROR;
@@ -189,6 +202,8 @@ class UnicodeNormalForm final : public Normalizer {
     }
 
  private:
+    std::unique_ptr<icu::UnicodeSet> set_;
+    std::unique_ptr<icu::FilteredNormalizer2> filtered_;
     const icu::Normalizer2* norm_ = nullptr;
 };
 

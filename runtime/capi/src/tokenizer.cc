@@ -440,7 +440,7 @@ Prepend metaspace_prepend(const json& spec) {
         else throw Error(M3RT_ARTIFACT_ERROR, "unknown Metaspace prepend_scheme '" + s + "'");
     }
     if (spec.contains("add_prefix_space") && spec["add_prefix_space"].is_boolean() && !spec["add_prefix_space"].get<bool>()) {
-        if (prepend != Prepend::Never && spec.contains("prepend_scheme"))
+        if (prepend != Prepend::Never)  // as tokenizers: the default scheme (always) contradicts it too
             throw Error(M3RT_ARTIFACT_ERROR, "Metaspace add_prefix_space does not match declared prepend_scheme");
         prepend = Prepend::Never;
     }

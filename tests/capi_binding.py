@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +157,9 @@ class Model:
         array = (ctypes.c_char_p * len(texts))(*texts)
         lengths = (ctypes.c_size_t * len(texts))(*[len(t) for t in texts])
         out = _P()
-        self.lib.check(self.lib.lib.m3rt_encode(self.handle, array, lengths, len(texts), ctypes.byref(opts), ctypes.byref(out)))
+        call = self.lib.lib.m3rt_encode
+        status = call(self.handle, array, lengths, len(texts), ctypes.byref(opts), ctypes.byref(out))
+        self.lib.check(status)
         result = out.value
         try:
             return self._read(result)
@@ -179,7 +183,8 @@ class Model:
         if lib.m3rt_result_sparse(result, ctypes.byref(indptr), ctypes.byref(indices), ctypes.byref(values)):
             bounds = [indptr[i] for i in range(n + 1)]
             out["lexical_weights"] = [
-                {str(indices[j]): np.float32(values[j]) for j in range(lo, hi)} for lo, hi in zip(bounds[:-1], bounds[1:])
+                {str(indices[j]): np.float32(values[j]) for j in range(lo, hi)}
+                for lo, hi in zip(bounds[:-1], bounds[1:])
             ]
         rows = ctypes.c_int64()
         colbert = []
@@ -198,3 +203,55 @@ class Model:
         if self.handle:
             self.lib.lib.m3rt_model_free(self.handle)
         self.handle = None
+
+
+# ---- building the library for the tests ----
+
+CAPI_SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "capi"
+_BUILT: dict[str, Path] = {}
+
+
+def onnxruntime_library() -> Path:
+    """The shared library inside the installed onnxruntime wheel (what the C library loads at run time)."""
+    import onnxruntime
+
+    capi = Path(onnxruntime.__file__).parent / "capi"
+    found = sorted(capi.glob("libonnxruntime.so.1*"))
+    if not found:
+        raise FileNotFoundError(f"no libonnxruntime.so.1* in {capi}")
+    return found[-1]
+
+
+def build_problem() -> str | None:
+    """Why the C library cannot be built here (None: it can)."""
+    import shutil
+
+    if os.environ.get("M3RT_CAPI_BUILD_DIR"):
+        return None
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        return f"no {' and '.join(missing)} on PATH to build runtime/capi"
+    if not os.environ.get("M3RT_ONNXRUNTIME_ROOT"):
+        return (
+            "M3RT_ONNXRUNTIME_ROOT is not set: point it at an ONNX Runtime distribution with include/ "
+            "(runtime/capi/scripts/assemble-onnxruntime.sh makes one)"
+        )
+    return None
+
+
+def build(build_root: Path) -> Path:
+    """Configure and build runtime/capi once per process; returns the build folder."""
+    if "dir" in _BUILT:
+        return _BUILT["dir"]
+    prebuilt = os.environ.get("M3RT_CAPI_BUILD_DIR")
+    if prebuilt:
+        _BUILT["dir"] = Path(prebuilt)
+        return _BUILT["dir"]
+    build_dir = build_root / "capi-build"
+    jobs = str(max(1, min(4, os.cpu_count() or 1)))
+    root = os.environ["M3RT_ONNXRUNTIME_ROOT"]
+    configure = ["cmake", "-S", str(CAPI_SOURCE), "-B", str(build_dir), f"-DONNXRUNTIME_ROOT={root}"]
+    subprocess.run(configure, check=True, capture_output=True, text=True)
+    subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True, capture_output=True, text=True)
+    _BUILT["dir"] = build_dir
+    return build_dir

@@ -47,6 +47,10 @@ namespace {
 // Returned when even the status cannot be allocated; never freed.
 m3rt_status g_out_of_memory{M3RT_OUT_OF_MEMORY, "out of memory"};
 
+// What an accessor returns for a requested but empty array (a NULL would read as "not requested").
+const float kNoFloats[1] = {0.0f};
+const int64_t kNoIds[1] = {0};
+
 m3rt_status* make_status(m3rt_code code, const std::string& message) {
     try {
         return new m3rt_status{code, message};
@@ -286,14 +290,14 @@ size_t m3rt_result_count(const m3rt_result* r) { return r ? r->count : 0; }
 const float* m3rt_result_dense(const m3rt_result* r, int64_t* dim) {
     if (dim) *dim = r && r->has_dense ? r->dense_dim : 0;
     if (!r || !r->has_dense) return nullptr;
-    return r->dense.data();
+    return r->dense.empty() ? kNoFloats : r->dense.data();
 }
 
 int m3rt_result_sparse(const m3rt_result* r, const int64_t** indptr, const int64_t** indices, const float** values) {
     const bool ok = r && r->has_sparse;
     if (indptr) *indptr = ok ? r->indptr.data() : nullptr;
-    if (indices) *indices = ok ? r->indices.data() : nullptr;
-    if (values) *values = ok ? r->values.data() : nullptr;
+    if (indices) *indices = ok ? (r->indices.empty() ? kNoIds : r->indices.data()) : nullptr;
+    if (values) *values = ok ? (r->values.empty() ? kNoFloats : r->values.data()) : nullptr;
     return ok ? 1 : 0;
 }
 
@@ -301,7 +305,8 @@ const float* m3rt_result_colbert(const m3rt_result* r, size_t index, int64_t* ro
     const bool ok = r && r->has_colbert && index < r->count;
     if (rows) *rows = ok ? static_cast<int64_t>(r->colbert[index].size()) / r->colbert_dim : 0;
     if (dim) *dim = ok ? r->colbert_dim : 0;
-    return ok ? r->colbert[index].data() : nullptr;
+    if (!ok) return nullptr;
+    return r->colbert[index].empty() ? kNoFloats : r->colbert[index].data();
 }
 
 void m3rt_result_free(m3rt_result* r) { delete r; }

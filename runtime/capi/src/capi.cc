@@ -15,6 +15,10 @@
 #include "postprocess.h"
 #include "tokenizer.h"
 
+#ifdef M3RT_WITH_CUDA
+#include "cuda_sparse.h"
+#endif
+
 struct m3rt_status {
     m3rt_code code;
     std::string message;
@@ -139,6 +143,13 @@ void run_batch(const m3rt_model& model, const std::vector<m3rt::Encoding>& encod
         if (t.values.size() != static_cast<size_t>(rows * width)) {
             throw m3rt::Error(M3RT_RUNTIME_ERROR, "sparse_weights does not have one weight per token");
         }
+#ifdef M3RT_WITH_CUDA
+        if (model.use_cuda) {
+            std::vector<m3rt::SparseRow> rows_out =
+                m3rt::aggregate_sparse_cuda(ids.data(), mask.data(), t.values.data(), rows, width, model.info.unused_ids);
+            for (int64_t r = 0; r < rows; ++r) sparse[batch[static_cast<size_t>(r)]] = std::move(rows_out[static_cast<size_t>(r)]);
+        } else
+#endif
         for (int64_t r = 0; r < rows; ++r) {
             const size_t index = batch[static_cast<size_t>(r)];
             sparse[index] = m3rt::aggregate_sparse(ids.data() + r * width, t.values.data() + r * width,

@@ -174,3 +174,13 @@ def test_example_prints_what_m3rt_encode_prints(capi_build_dir, exported, capsys
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout == want
+
+
+def test_only_the_c_api_is_exported(capi_build_dir):  # noqa: F811
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not on PATH")
+    library = capi_build_dir / "libm3rt.so"
+    run = subprocess.run([nm, "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True)
+    names = [line.split()[-1] for line in run.stdout.splitlines() if line.strip()]
+    assert names and all(name.startswith("m3rt_") for name in names), [n for n in names if not n.startswith("m3rt_")]

@@ -174,3 +174,43 @@ def test_unsupported_components_are_refused_at_load(capi, tiny, tmp_path, edit, 
     with pytest.raises(CapiError) as err:
         Tokenizer(capi, path)
     assert err.value.code == UNSUPPORTED and named in err.value.message
+
+
+_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+EXTRA_ADDED = [
+    dict(content=content, **dict(zip(_FLAGS, flags)))
+    for content, flags in [
+        # normalised before matching (full-width letters are matched after NFKC / the charsmap)
+        ("ＨＥＬＬＯ", (False, False, False, True, False)),
+        # a piece of the model's vocabulary: tokenizers gives it the model's id, not a new one
+        ("wor", (True, True, True, True, False)),
+        ("[X]", (False, True, True, False, False)),
+        ("[X]", (True, False, False, False, True)),
+        ("<sep>", (False, False, True, False, True)),
+    ]
+]
+EXTRA_TEXTS = [
+    "HELLO world",
+    "ＨＥＬＬＯ",
+    "say hello HELLO  wor  ld wor",
+    "x wor y",
+    "aworb",
+    " [X] a[X]b  [X]  ",
+    "HELLOHELLO",
+    "<s>HELLO</s><sep>  next",
+    "  wor",
+    "wor",
+]
+
+
+def test_added_tokens_are_assigned_and_matched_as_tokenizers_does(capi, tokenizer_path, tmp_path):  # noqa: F811
+    data = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+    # The "id" written in the file is ignored by tokenizers when it loads: write wrong ones on purpose.
+    data["added_tokens"] += [{"id": 5, **token} for token in EXTRA_ADDED]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    pair = Tokenizer(capi, path), HFTokenizer.from_file(str(path))
+    _assert_same(pair, EXTRA_TEXTS + ADVERSARIAL)
+    ours, hf = pair
+    for token_id in range(hf.get_vocab_size(with_added_tokens=True) - 5, hf.get_vocab_size(with_added_tokens=True)):
+        assert ours.id_to_text(token_id) == hf.decode([token_id], skip_special_tokens=False)

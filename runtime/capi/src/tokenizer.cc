@@ -662,12 +662,50 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const s
         tok->normalizer_ = make_normalizer(spec.value("normalizer", json()));
         tok->pre_tokenizer_ = make_pre_tokenizer(spec.value("pre_tokenizer", json()));
 
+        // Added tokens as tokenizers' deserialisation adds them (AddedVocabulary::add_tokens): the file's
+        // "id" is not used; a content already known keeps its id (earlier added token, then the model's
+        // vocabulary), a new one gets the next id from the model's vocabulary size on. Exact duplicates
+        // are ignored; the flags of an id are those of its last entry. Match patterns: the special
+        // tokens (each content once), then the other tokens.
+        std::vector<AddedToken> listed;
         for (const auto& a : spec.value("added_tokens", json::array())) {
-            AddedToken t{a.at("id").get<int64_t>(), a.at("content").get<std::string>(), a.value("single_word", false),
-                         a.value("lstrip", false),     a.value("rstrip", false),           a.value("normalized", true),
-                         a.value("special", false)};
-            if (t.content.empty()) continue;
-            tok->added_.push_back(std::move(t));
+            listed.push_back(AddedToken{-1, a.at("content").get<std::string>(), a.value("single_word", false),
+                                        a.value("lstrip", false), a.value("rstrip", false), a.value("normalized", true),
+                                        a.value("special", false)});
+        }
+        auto same = [](const AddedToken& x, const AddedToken& y) {
+            return x.content == y.content && x.single_word == y.single_word && x.lstrip == y.lstrip &&
+                   x.rstrip == y.rstrip && x.normalized == y.normalized && x.special == y.special;
+        };
+        std::vector<AddedToken> specials, plain, kept;
+        for (const auto& t : listed) {
+            if (!t.special || t.content.empty()) continue;
+            if (std::none_of(specials.begin(), specials.end(), [&](const AddedToken& x) { return x.content == t.content; }))
+                specials.push_back(t);
+        }
+        std::map<std::string, int64_t> content_id;
+        std::map<int64_t, AddedToken> by_id;
+        int64_t next_id = static_cast<int64_t>(tok->model_->size());
+        for (const auto& t : listed) {
+            if (t.content.empty() || std::any_of(kept.begin(), kept.end(), [&](const AddedToken& x) { return same(x, t); })) continue;
+            int64_t id;
+            if (auto it = content_id.find(t.content); it != content_id.end()) id = it->second;
+            else if (int64_t model_id = tok->model_->id_of(t.content); model_id >= 0) id = model_id;
+            else id = next_id++;
+            content_id[t.content] = id;
+            by_id[id] = t;
+            if (std::none_of(specials.begin(), specials.end(), [&](const AddedToken& x) { return x.content == t.content; }))
+                plain.push_back(t);
+            kept.push_back(t);
+        }
+        for (auto* group : {&specials, &plain}) {
+            for (const auto& t : *group) {
+                const int64_t id = content_id.at(t.content);
+                AddedToken pattern = by_id.at(id);  // lstrip/rstrip/single_word of the id's last entry
+                pattern.id = id;
+                pattern.normalized = t.normalized;  // which text it is matched in: this entry's own flag
+                tok->added_.push_back(pattern);
+            }
         }
         for (const auto& t : tok->added_) {
             std::string content = t.content;
@@ -677,6 +715,7 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const s
             }
             tok->added_normalized_content_.push_back(content);
         }
+        tok->added_by_id_ = std::move(by_id);
 
         const json post = spec.value("post_processor", json());
         if (!post.is_null()) {
@@ -712,10 +751,10 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const s
             remove_replacement = metaspace_prepend(decoder) != Prepend::Never;
         }
         size_t size = tok->model_->size();
-        for (const auto& t : tok->added_) size = std::max(size, static_cast<size_t>(t.id) + 1);
+        for (const auto& [id, t] : tok->added_by_id_) size = std::max(size, static_cast<size_t>(id) + 1);
         tok->decoded_.assign(size, std::string());
         for (size_t id = 0; id < tok->model_->size(); ++id) tok->decoded_[id] = tok->model_->piece(id);
-        for (const auto& t : tok->added_) tok->decoded_[static_cast<size_t>(t.id)] = t.content;
+        for (const auto& [id, t] : tok->added_by_id_) tok->decoded_[static_cast<size_t>(id)] = t.content;
         if (!replacement.empty()) {
             for (auto& s : tok->decoded_) {
                 std::string out;

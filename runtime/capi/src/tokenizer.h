@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -39,6 +40,8 @@ class Unigram {
     // Appends the ids of one pre-tokenised piece.
     void tokenize(std::string_view text, std::vector<int64_t>& ids) const;
     size_t size() const { return vocab_.size(); }
+    // tokenizers' token_to_id: the id of a piece (the last of equal pieces), -1 when absent.
+    int64_t id_of(std::string_view piece) const;
     const std::string& piece(size_t id) const { return vocab_[id].first; }
 
  private:
@@ -51,7 +54,6 @@ class Unigram {
         uint8_t byte;
         uint32_t child;
     };
-    int64_t id_of(std::string_view piece) const;
     void build_trie();
 
     std::vector<std::pair<std::string, double>> vocab_;
@@ -101,6 +103,7 @@ class Tokenizer {
     std::vector<AddedToken> added_;
     bool has_normalized_added_ = false;
     std::vector<std::string> added_normalized_content_;  // normalizer(content) for normalized tokens
+    std::map<int64_t, AddedToken> added_by_id_;
     std::unique_ptr<Normalizer> normalizer_;
     std::unique_ptr<PreTokenizer> pre_tokenizer_;
     std::unique_ptr<Unigram> model_;

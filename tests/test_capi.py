@@ -130,6 +130,16 @@ def test_missing_onnxruntime_is_a_runtime_error(capi, tiny, tmp_path):  # noqa: 
     assert err.value.code == RUNTIME_ERROR and "cannot load ONNX Runtime" in err.value.message
 
 
+def test_cuda_without_a_cuda_onnxruntime_is_a_runtime_error(capi, tiny):  # noqa: F811
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(CapiError) as err:
+        _load(capi, tiny[1], use_cuda=1)
+    assert err.value.code == RUNTIME_ERROR and "CUDA" in err.value.message
+
+
 def test_concurrent_encodes_give_the_single_threaded_results(tiny_capi, texts):
     """ctypes releases the GIL, so these calls run in the library at the same time."""
     jobs = [texts[i::4] + [f"extra text number {i}"] for i in range(8)]

@@ -89,13 +89,8 @@ class Precompiled final : public Normalizer {
 
     void apply(std::string& text) const override {
         if (text.empty()) return;
-        // BreakIterator is not thread-safe: one clone per thread.
-        thread_local std::unique_ptr<icu::BreakIterator> iter;
-        thread_local const Precompiled* owner = nullptr;
-        if (!iter || owner != this) {
-            iter.reset(prototype_->clone());
-            owner = this;
-        }
+        // BreakIterator is not thread-safe: one per thread (all are root-locale grapheme iterators).
+        thread_local std::unique_ptr<icu::BreakIterator> iter(prototype_->clone());
         UErrorCode status = U_ZERO_ERROR;
         UText* ut = utext_openUTF8(nullptr, text.data(), static_cast<int64_t>(text.size()), &status);
         iter->setText(ut, status);

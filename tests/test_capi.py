@@ -165,6 +165,16 @@ def test_concurrent_encodes_give_the_single_threaded_results(tiny_capi, texts):
         np.testing.assert_array_equal(got["dense_vecs"], want["dense_vecs"])
 
 
+def test_native_threads_share_one_model(capi_build_dir, exported, texts):  # noqa: F811
+    """C++ threads (no GIL anywhere) encoding through one model give the single-threaded results bit for bit."""
+    run = subprocess.run(
+        [str(capi_build_dir / "m3rt_threads_check"), str(exported[1]), str(onnxruntime_library()), "8"],
+        input="\n".join(texts + ["x" * 3000]) + "\n", capture_output=True, text=True, encoding="utf-8",
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "mismatches 0, errors 0, invalid utf-8 refused yes" in run.stdout
+
+
 def test_cpp_unit_tests(capi_build_dir):  # noqa: F811
     ctest = shutil.which("ctest")
     if ctest is None:

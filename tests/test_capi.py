@@ -46,7 +46,7 @@ def tiny_capi(capi, tiny):  # noqa: F811
     model.close()
 
 
-@pytest.mark.parametrize("max_length", [None, 16])
+@pytest.mark.parametrize("max_length", [None, 16, 2])
 def test_outputs_match_m3model(exported, capi, texts, max_length):  # noqa: F811
     """Both tiny artifacts (synthetic and real XLM-R tokenizer), full length and truncated."""
     artifact = exported[1]

@@ -214,3 +214,18 @@ def test_added_tokens_are_assigned_and_matched_as_tokenizers_does(capi, tokenize
     ours, hf = pair
     for token_id in range(hf.get_vocab_size(with_added_tokens=True) - 5, hf.get_vocab_size(with_added_tokens=True)):
         assert ours.id_to_text(token_id) == hf.decode([token_id], skip_special_tokens=False)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=40))
+def test_arbitrary_bytes_are_tokenised_or_refused(pair, data):
+    """Any byte string: valid UTF-8 gives tokenizers' ids, anything else a clean INVALID_INPUT."""
+    ours, hf = pair
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(CapiError) as err:
+            ours.encode_bytes(data)
+        assert err.value.code == INVALID_INPUT
+        return
+    assert ours.encode_bytes(data) == hf.encode(text).ids

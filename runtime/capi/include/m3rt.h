@@ -41,7 +41,7 @@ typedef enum m3rt_code {
     M3RT_INVALID_INPUT = 4,    /* a text that is not valid UTF-8 */
     M3RT_INPUT_TOO_LONG = 5,   /* a text longer than max_length tokens with truncation off */
     M3RT_RUNTIME_ERROR = 6,    /* ONNX Runtime could not be loaded or failed */
-    M3RT_OUT_OF_MEMORY = 7
+    M3RT_OUT_OF_MEMORY = 7     /* an allocation failed even for one text (larger batches are split and retried) */
 } m3rt_code;
 
 typedef struct m3rt_status m3rt_status;

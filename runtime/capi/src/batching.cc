@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <numeric>
 
+#include "error.h"
+
 namespace m3rt {
 
 std::vector<std::vector<size_t>> plan_batches(const std::vector<size_t>& lengths, size_t batch_size,
@@ -20,6 +22,18 @@ std::vector<std::vector<size_t>> plan_batches(const std::vector<size_t>& lengths
         start = stop;
     }
     return batches;
+}
+
+void run_splitting_on_oom(const std::vector<size_t>& batch, const std::function<void(const std::vector<size_t>&)>& run) {
+    try {
+        run(batch);
+        return;
+    } catch (const Error& e) {
+        if (e.code() != M3RT_OUT_OF_MEMORY || batch.size() < 2) throw;
+    }
+    const auto middle = batch.begin() + static_cast<std::ptrdiff_t>(batch.size() / 2);
+    run_splitting_on_oom(std::vector<size_t>(batch.begin(), middle), run);
+    run_splitting_on_oom(std::vector<size_t>(middle, batch.end()), run);
 }
 
 }  // namespace m3rt

@@ -279,7 +279,9 @@ m3rt_status* m3rt_encode(const m3rt_model* model, const char* const* texts, cons
         if (opts.outputs != 0) {
             for (const auto& batch : m3rt::plan_batches(lengths_in_tokens, static_cast<size_t>(opts.batch_size),
                                                         static_cast<size_t>(model->token_budget))) {
-                run_batch(*model, encodings, batch, opts.outputs, *result, sparse);
+                m3rt::run_splitting_on_oom(batch, [&](const std::vector<size_t>& rows) {
+                    run_batch(*model, encodings, rows, opts.outputs, *result, sparse);
+                });
             }
         }
         if (result->has_sparse) {

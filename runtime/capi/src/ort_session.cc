@@ -2,6 +2,8 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 
@@ -52,12 +54,23 @@ void* open_library(const std::string& requested, std::string& opened) {
 
 }  // namespace
 
+// ONNX Runtime reports every allocation failure (its allocators, BFC arena, cuBLAS, cuDNN, bad_alloc)
+// with one error code; the text tells them apart (the markers m3rt.backends.onnxruntime uses).
+bool is_out_of_memory(std::string text) {
+    std::transform(text.begin(), text.end(), text.begin(), [](unsigned char c) { return std::tolower(c); });
+    for (const char* marker : {"out of memory", "failed to allocate", "bad_alloc", "bad allocation",
+                               "cudaerrormemoryallocation", "cublas_status_alloc_failed", "cudnn_status_alloc_failed"}) {
+        if (text.find(marker) != std::string::npos) return true;
+    }
+    return false;
+}
+
 void OrtSessionRunner::check(void* raw, const char* what) const {
     auto* status = static_cast<OrtStatus*>(raw);
     if (!status) return;
     std::string message = std::string("ONNX Runtime ") + what + ": " + api_->GetErrorMessage(status);
     api_->ReleaseStatus(status);
-    throw Error(M3RT_RUNTIME_ERROR, message);
+    throw Error(is_out_of_memory(message) ? M3RT_OUT_OF_MEMORY : M3RT_RUNTIME_ERROR, message);
 }
 
 OrtSessionRunner::OrtSessionRunner(const std::string& model_path, const SessionOptions& options) {

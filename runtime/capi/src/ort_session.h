@@ -25,6 +25,9 @@ struct HostTensor {
     std::vector<float> values;
 };
 
+// Whether an ONNX Runtime error message is an allocation failure.
+bool is_out_of_memory(std::string message);
+
 class OrtSessionRunner {
  public:
     OrtSessionRunner(const std::string& model_path, const SessionOptions& options);

@@ -10,6 +10,7 @@
 
 #include "batching.h"
 #include "error.h"
+#include "ort_session.h"
 #include "postprocess.h"
 #include "tokenizer.h"
 
@@ -192,6 +193,37 @@ void test_batching() {
     CHECK(m3rt::plan_batches({50}, 4, 10).size() == 1);
 }
 
+void test_out_of_memory_splits_batches() {
+    // A fake run that cannot take more than 2 rows: the batch is retried as halves, in order.
+    std::vector<std::vector<size_t>> ran;
+    auto run = [&](const std::vector<size_t>& rows) {
+        if (rows.size() > 2) throw m3rt::Error(M3RT_OUT_OF_MEMORY, "ONNX Runtime Run: Failed to allocate memory");
+        ran.push_back(rows);
+    };
+    m3rt::run_splitting_on_oom({4, 1, 3, 0, 2}, run);
+    CHECK(ran == (std::vector<std::vector<size_t>>{{4, 1}, {3}, {0, 2}}));
+    // A single row that does not fit, and any other error, are reported.
+    bool reported = false;
+    try {
+        m3rt::run_splitting_on_oom({7}, [](const std::vector<size_t>&) { throw m3rt::Error(M3RT_OUT_OF_MEMORY, "oom"); });
+    } catch (const m3rt::Error& e) {
+        reported = e.code() == M3RT_OUT_OF_MEMORY;
+    }
+    CHECK(reported);
+    int calls = 0;
+    try {
+        m3rt::run_splitting_on_oom({1, 2}, [&](const std::vector<size_t>&) {
+            ++calls;
+            throw m3rt::Error(M3RT_RUNTIME_ERROR, "other");
+        });
+    } catch (const m3rt::Error&) {
+    }
+    CHECK(calls == 1);
+    CHECK(m3rt::is_out_of_memory("ONNX Runtime Run: BFCArena::AllocateRawInternal Failed to allocate memory"));
+    CHECK(m3rt::is_out_of_memory("std::bad_alloc"));
+    CHECK(!m3rt::is_out_of_memory("Invalid input name"));
+}
+
 }  // namespace
 
 int main() {
@@ -200,7 +232,7 @@ int main() {
         {"metaspace_and_spaces", test_metaspace_and_spaces}, {"normalizers", test_normalizers},
         {"added_tokens", test_added_tokens},         {"refuses_unknown_components", test_refuses_unknown_components},
         {"utf8_validation", test_utf8_validation},   {"sparse_aggregation", test_sparse_aggregation},
-        {"batching", test_batching},
+        {"batching", test_batching},                 {"out_of_memory_splits_batches", test_out_of_memory_splits_batches},
     };
     for (const auto& [name, fn] : tests) {
         const int before = failures;

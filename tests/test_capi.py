@@ -13,7 +13,7 @@ import pytest
 from capi_binding import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, CapiError, Model, onnxruntime_library
 from capi_fixtures import capi, capi_build_dir  # noqa: F401
 
-from m3rt import M3Model
+from m3rt import M3Error, M3Model
 from m3rt.cli import main as m3rt_cli
 
 INVALID_ARGUMENT, ARTIFACT_ERROR, INVALID_INPUT, INPUT_TOO_LONG, RUNTIME_ERROR = 1, 2, 4, 5, 6
@@ -57,6 +57,38 @@ def test_outputs_match_m3model(exported, capi, texts, max_length):  # noqa: F811
         model.close()
     want = M3Model.load(artifact).encode(texts, max_length=max_length, **ALL)
     assert_same_outputs(got, want)
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(tiny, tmp_path_factory):
+    from m3rt.export.artifact import ExportOptions, export_artifact
+
+    out = tmp_path_factory.mktemp("capi-int8") / "artifact"
+    # The tiny model has 2 layers: quantise them all (the default keeps layers 0-1 in fp32).
+    export_artifact(ExportOptions(model=str(tiny[0]), output=out, int8=True, int8_sensitive_layers=()))
+    return out
+
+
+def test_int8_graph_matches_m3model_and_tensorrt_graphs_are_refused(capi, int8_artifact, texts):  # noqa: F811
+    from m3rt.int8_kernel import int8_kernel
+    from m3rt.manifest import load_manifest
+    from m3rt.validation import int8_graph_for
+
+    # The int8 form M3Model serves on this CPU (int8 or int8-u8), run by the C library.
+    graph = int8_graph_for(load_manifest(int8_artifact), int8_kernel())
+    model = _load(capi, int8_artifact, graph=graph)
+    try:
+        got = model.encode(texts, truncate=1)
+    finally:
+        model.close()
+    try:
+        python = M3Model.load(int8_artifact, precision="int8")
+    except M3Error as exc:  # its load-time int8 check can refuse a CPU; the C library has no such check
+        pytest.skip(f"M3Model does not serve int8 on this CPU: {exc}")
+    assert_same_outputs(got, python.encode(texts, **ALL))
+    with pytest.raises(CapiError) as err:
+        _load(capi, int8_artifact, graph="int8-qdq")
+    assert err.value.code == 3 and "tensorrt" in err.value.message
 
 
 @pytest.mark.parametrize("token_budget, batch_size", [(64, 256), (8192, 1), (100000, 3)])

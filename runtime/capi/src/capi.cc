@@ -216,6 +216,14 @@ m3rt_status* m3rt_model_load(const char* artifact_dir, const m3rt_load_options* 
         if (opts.intra_op_threads < 0) invalid("intra_op_threads must be >= 0");
         auto model = std::make_unique<m3rt_model>();
         model->info = m3rt::read_artifact(artifact_dir, opts.graph ? opts.graph : "fp32", opts.verify != 0);
+        const auto& backends = model->info.backends;
+        const std::string wanted = opts.use_cuda ? "onnxruntime-cuda" : "onnxruntime-cpu";
+        if (!backends.empty() && std::find(backends.begin(), backends.end(), wanted) == backends.end()) {
+            std::string served;
+            for (const auto& b : backends) served += (served.empty() ? "" : ", ") + b;
+            throw m3rt::Error(M3RT_UNSUPPORTED, "graph '" + model->info.graph_name + "' is made for " + served +
+                                                    ", not " + wanted + " (pick another graph, e.g. fp32 or int8)");
+        }
         const std::string& provider = model->info.execution_provider;
         if (!provider.empty() && provider != "CPUExecutionProvider" && !(opts.use_cuda && provider == "CUDAExecutionProvider")) {
             throw m3rt::Error(M3RT_UNSUPPORTED, "graph '" + model->info.graph_name + "' runs only on " + provider +

@@ -114,6 +114,7 @@ ArtifactInfo read_artifact(const std::string& root_str, const std::string& graph
         info.graph_name = graph;
         info.graph_path = (root / g.at("file").get<std::string>()).string();
         info.execution_provider = g.value("execution_provider", json()).is_string() ? g["execution_provider"].get<std::string>() : "";
+        for (const auto& b : g.value("backends", json::array())) info.backends.push_back(b.get<std::string>());
         info.tokenizer_path = (root / data["tokenizer"].at("file").get<std::string>()).string();
         const json& model = data["model"];
         info.hidden_size = model.at("hidden_size").get<int64_t>();

@@ -12,6 +12,7 @@ struct ArtifactInfo {
     std::string graph_name;
     std::string graph_path;           // the ONNX file to load
     std::string execution_provider;   // set when only that provider runs the graph ("" otherwise)
+    std::vector<std::string> backends;  // what serves the graph ("onnxruntime-cpu", "tensorrt", ...)
     std::string tokenizer_path;
     int64_t hidden_size = 0;
     int64_t colbert_dim = 0;

@@ -1,0 +1,138 @@
+#include "manifest.h"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "error.h"
+
+namespace m3rt {
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+constexpr const char* kManifest = "m3rt.json";
+constexpr const char* kFormat = "m3rt-artifact";
+constexpr int kFormatVersion = 1;
+
+[[noreturn]] void artifact_error(const std::string& message) { throw Error(M3RT_ARTIFACT_ERROR, message); }
+
+void verify_files(const fs::path& root, const json& files) {
+    for (const auto& [name, record] : files.items()) {
+        const fs::path path = root / name;
+        std::error_code ec;
+        if (!fs::is_regular_file(path, ec)) artifact_error(path.string() + " is listed in m3rt.json but missing");
+        const auto size = fs::file_size(path, ec);
+        const auto expected = record.at("size").get<uint64_t>();
+        if (ec || size != expected) {
+            artifact_error(path.string() + " is " + std::to_string(size) + " bytes but m3rt.json records " +
+                           std::to_string(expected) + ": the file is truncated or was replaced; re-export or copy it again");
+        }
+        if (sha256_file(path.string()) != record.at("sha256").get<std::string>()) {
+            artifact_error(path.string() + " does not match the sha256 in m3rt.json: the file is corrupted or was replaced");
+        }
+    }
+}
+
+}  // namespace
+
+std::string sha256_file(const std::string& path) {
+    std::FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) artifact_error("cannot read " + path);
+    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+    EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr);
+    std::vector<unsigned char> buffer(1 << 20);
+    size_t n;
+    while ((n = std::fread(buffer.data(), 1, buffer.size(), f)) > 0) EVP_DigestUpdate(ctx.get(), buffer.data(), n);
+    const bool failed = std::ferror(f);
+    std::fclose(f);
+    if (failed) artifact_error("error reading " + path);
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    EVP_DigestFinal_ex(ctx.get(), digest, &len);
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    for (unsigned int i = 0; i < len; ++i) {
+        out.push_back(hex[digest[i] >> 4]);
+        out.push_back(hex[digest[i] & 15]);
+    }
+    return out;
+}
+
+ArtifactInfo read_artifact(const std::string& root_str, const std::string& graph, bool verify) {
+    const fs::path root(root_str);
+    std::error_code ec;
+    if (!fs::is_directory(root, ec)) {
+        artifact_error(root_str + " is not a directory (expected an m3rt artifact made by m3-export)");
+    }
+    const fs::path manifest_path = root / kManifest;
+    std::ifstream in(manifest_path, std::ios::binary);
+    if (!in) artifact_error(root_str + " is not an m3rt artifact: m3rt.json is missing (create one with m3-export)");
+    std::stringstream buffer;
+    buffer << in.rdbuf();
+    json data;
+    try {
+        data = json::parse(buffer.str());
+    } catch (const json::exception& e) {
+        artifact_error(manifest_path.string() + " is not valid JSON: " + e.what());
+    }
+    if (!data.is_object() || data.value("format", "") != kFormat) {
+        artifact_error(manifest_path.string() + " is not an m3rt manifest (format field is not 'm3rt-artifact')");
+    }
+    if (!data.contains("format_version") || data["format_version"] != kFormatVersion) {
+        artifact_error(manifest_path.string() + " has format_version " + data.value("format_version", json()).dump() +
+                       "; this library reads 1. Re-export the model with this m3rt version.");
+    }
+    for (const char* key : {"files", "graphs", "model", "special_tokens", "tokenizer"}) {
+        if (!data.contains(key)) artifact_error(manifest_path.string() + " lacks the '" + key + "' section");
+    }
+    ArtifactInfo info;
+    try {
+        if (verify) verify_files(root, data["files"]);
+        const json& graphs = data["graphs"];
+        if (!graphs.contains(graph)) {
+            std::string names;
+            for (const auto& [name, _] : graphs.items()) names += (names.empty() ? "" : ", ") + name;
+            artifact_error(root_str + " has no '" + graph + "' graph; it has: " + names);
+        }
+        const json& g = graphs[graph];
+        for (const char* output : {"dense_vecs", "sparse_weights", "colbert_vecs"}) {
+            const std::string dtype = g.at("outputs").at(output).value("dtype", "float32");
+            if (dtype != "float32") {
+                throw Error(M3RT_UNSUPPORTED, "graph '" + graph + "' returns " + output + " as " + dtype +
+                                                  "; the C library reads float32 outputs (use the fp32 or an int8 graph)");
+            }
+        }
+        info.root = root_str;
+        info.graph_name = graph;
+        info.graph_path = (root / g.at("file").get<std::string>()).string();
+        info.execution_provider = g.value("execution_provider", json()).is_string() ? g["execution_provider"].get<std::string>() : "";
+        for (const auto& b : g.value("backends", json::array())) info.backends.push_back(b.get<std::string>());
+        info.tokenizer_path = (root / data["tokenizer"].at("file").get<std::string>()).string();
+        const json& model = data["model"];
+        info.hidden_size = model.at("hidden_size").get<int64_t>();
+        info.vocab_size = model.at("vocab_size").get<int64_t>();
+        info.max_length = model.at("max_length").get<int64_t>();
+        info.colbert_dim = model.contains("colbert_dim") ? model["colbert_dim"].get<int64_t>() : info.hidden_size;
+        const json& specials = data["special_tokens"];
+        info.pad_id = specials.at("pad").get<int64_t>();
+        for (const char* name : {"cls", "eos", "pad", "unk"}) {
+            if (specials.contains(name)) info.unused_ids.push_back(specials[name].get<int64_t>());
+        }
+        std::sort(info.unused_ids.begin(), info.unused_ids.end());
+        info.unused_ids.erase(std::unique(info.unused_ids.begin(), info.unused_ids.end()), info.unused_ids.end());
+    } catch (const json::exception& e) {
+        artifact_error(manifest_path.string() + " has an unexpected structure: " + e.what());
+    }
+    if (info.hidden_size <= 0 || info.max_length < 2) artifact_error(manifest_path.string() + " has an invalid model section");
+    return info;
+}
+
+}  // namespace m3rt

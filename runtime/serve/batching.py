@@ -1,0 +1,144 @@
+"""Encode jobs from many requests in one `encode` call.
+
+A job is one request's texts, already tokenised once to check them and to know their lengths, so a
+batch can be sized by the tokens it will pad to. `encode_jobs` is the function Ray Serve's batching
+calls with the jobs it collected; every job gets its own result or its own exception, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from m3rt.model import M3Model
+
+OUTPUTS = ("dense", "sparse", "colbert")
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """One request's texts with the options that decide how they are encoded.
+
+    `lengths` are the token counts after truncation to `max_length` (specials included): what the
+    batch they join will pad to. Texts that do not fit with `truncate=false` never become jobs.
+    """
+
+    texts: tuple[str, ...]
+    lengths: tuple[int, ...]
+    max_length: int
+    outputs: frozenset[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+
+@dataclass(frozen=True)
+class EncodedTexts:
+    """The outputs of one job: `dense` [n, hidden] float32; `sparse` per text (token ids ascending,
+    weights) as FlagEmbedding aggregates them (max per id, specials dropped); `colbert` per text
+    [tokens - 1, hidden] float32. An output the job did not ask for is None."""
+
+    dense: np.ndarray | None
+    sparse: list[tuple[np.ndarray, np.ndarray]] | None
+    colbert: list[np.ndarray] | None
+
+
+def padded_tokens(jobs: Sequence[EncodeJob]) -> int:
+    """Tokens of the padded batch the jobs make together: rows x longest row."""
+    rows = sum(len(job.texts) for job in jobs)
+    longest = max((max(job.lengths) for job in jobs if job.lengths), default=0)
+    return rows * longest
+
+
+def batch_size_fn(budget: int):
+    """Ray Serve's size of a list of jobs under a padded-token `budget`. A single job over the budget
+    counts as the budget, so it runs alone (Serve would reject it; `M3Model` splits it itself)."""
+
+    def size(jobs: list[EncodeJob]) -> int:
+        tokens = padded_tokens(jobs)
+        return min(tokens, budget) if len(jobs) == 1 else tokens
+
+    return size
+
+
+def _encode_group(model: M3Model, jobs: list[EncodeJob]) -> list[EncodedTexts]:
+    """One `encode` for jobs of one max_length, with every output any of them asked for."""
+    texts = [text for job in jobs for text in job.texts]
+    wanted = frozenset().union(*(job.outputs for job in jobs))
+    out = model.encode(
+        texts,
+        max_length=jobs[0].max_length,
+        return_dense="dense" in wanted,
+        return_sparse="sparse" in wanted,
+        return_colbert_vecs="colbert" in wanted,
+        sparse_format="csr",
+    )
+    sparse_rows = out["lexical_weights"]
+    results, start = [], 0
+    for job in jobs:
+        stop = start + len(job.texts)
+        sparse = None
+        if "sparse" in job.outputs:
+            sparse = []
+            for row in range(start, stop):
+                lo, hi = sparse_rows.indptr[row], sparse_rows.indptr[row + 1]
+                order = np.argsort(sparse_rows.indices[lo:hi], kind="stable")
+                sparse.append((sparse_rows.indices[lo:hi][order], sparse_rows.values[lo:hi][order]))
+        results.append(
+            EncodedTexts(
+                dense=out["dense_vecs"][start:stop] if "dense" in job.outputs else None,
+                sparse=sparse,
+                colbert=out["colbert_vecs"][start:stop] if "colbert" in job.outputs else None,
+            )
+        )
+        start = stop
+    return results
+
+
+def encode_jobs(model: M3Model, jobs: Sequence[EncodeJob]) -> list[EncodedTexts | Exception]:
+    """Results of `jobs` in order: one `encode` per max_length among them (usually one in all).
+
+    Jobs are checked before they get here; should an `encode` still fail, its jobs are encoded
+    again one by one, so the job that fails fails alone and the others batched with it succeed.
+    """
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, job in enumerate(jobs):
+        groups[job.max_length].append(index)
+    results: list[EncodedTexts | Exception | None] = [None] * len(jobs)
+    for indices in groups.values():
+        members = [jobs[i] for i in indices]
+        try:
+            for i, result in zip(indices, _encode_group(model, members)):
+                results[i] = result
+        except Exception as group_error:  # noqa: BLE001 - isolated below, job by job
+            if len(members) == 1:
+                results[indices[0]] = group_error
+                continue
+            for i, job in zip(indices, members):
+                try:
+                    results[i] = _encode_group(model, [job])[0]
+                except Exception as job_error:  # noqa: BLE001 - this job's own answer
+                    results[i] = job_error
+    return results  # type: ignore[return-value]
+
+
+class LocalEncoder:
+    """An `Encoder` over an in-process `M3Model`, one `encode` per request (no cross-request batching):
+    the FastAPI app without Ray, for tests and for embedding the app in another ASGI server."""
+
+    def __init__(self, model: M3Model, model_name: str = "bge-m3") -> None:
+        self.model = model
+        self.model_name = model_name
+
+    async def encode(self, job: EncodeJob) -> EncodedTexts:
+        result = (await asyncio.to_thread(encode_jobs, self.model, [job]))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result

@@ -377,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the HTTP server against in-process encode (m3rt[serve])
+        from m3rt.benchmarks.serve_bench import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     report = run_benchmark(args)
     args.out.mkdir(parents=True, exist_ok=True)

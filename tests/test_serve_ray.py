@@ -280,3 +280,29 @@ def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch)
     leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     _, alive = psutil.wait_procs(leftover, timeout=30)
     assert alive == []
+
+
+def test_application_builder_takes_serve_config_args():
+    """`serve run m3rt.serve.deployment:build_app key=value` passes strings; they become typed options."""
+    from m3rt.serve.deployment import build_app
+
+    deployment = build_app(
+        {"artifact": "/a", "min_replicas": "1", "max_replicas": "3", "num_cpus": "2"}
+    )._bound_deployment
+    autoscaling = deployment._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
+    assert deployment.ray_actor_options["num_cpus"] == 2
+    assert build_app({"artifact": "/a", "num_replicas": "2"})._bound_deployment.num_replicas == 2
+    with pytest.raises(ValueError, match="both min_replicas and max_replicas"):
+        build_app({"artifact": "/a", "min_replicas": 1})
+    with pytest.raises(ValueError, match="unknown_option"):
+        build_app({"artifact": "/a", "unknown_option": 1})
+
+
+def test_cli_refuses_bad_options_before_starting_ray(tiny, tmp_path, capsys):
+    from m3rt.cli import main
+
+    assert main(["serve", str(tiny[1]), "--min-replicas", "2"]) == 1
+    assert "min_replicas and max_replicas" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path)]) == 1
+    assert "not an m3rt artifact" in capsys.readouterr().err

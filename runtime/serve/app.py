@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -41,6 +41,8 @@ RequestModel = TypeVar("RequestModel", bound=BaseModel)
 ROUTES = ("/v1/embeddings", "/v1/encode", "/v1/rerank", "/v1/score", "/v1/models", "/health", "/ready", "/metrics")
 # Routes that queue work: the ones counted against `Limits.max_pending`.
 _WORK_ROUTES = frozenset(ROUTES[:4])
+# Shorter requests are tokenised on the event loop (well under a millisecond); longer ones in a thread.
+_INLINE_TOKENIZE_CHARS = 4096
 
 
 class Encoder(Protocol):
@@ -127,6 +129,48 @@ def _score_dict(scores: Mapping[str, np.ndarray], index: int) -> dict[str, float
     return {name: float(values[index]) for name, values in scores.items()}
 
 
+class _Accounting:
+    """ASGI middleware: 503 past `max_pending` requests of work in progress, metrics per route and
+    status, `headers` on every response (a plain ASGI wrapper: Starlette's `BaseHTTPMiddleware`
+    costs a task group and a stream per request)."""
+
+    def __init__(self, app: Any, *, limits: Limits, metrics: Metrics, headers: dict[str, str]) -> None:
+        self.app, self.limits, self.metrics = app, limits, metrics
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.pending = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        counted = route in _WORK_ROUTES
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_headers(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        if counted and self.pending >= self.limits.max_pending:
+            self.metrics.rejected.inc()
+            busy = ApiError(503, f"server busy: {self.pending} requests pending; retry later", "overloaded")
+            await busy.response()(scope, receive, send_with_headers)
+        else:
+            self.pending += counted
+            try:
+                await self.app(scope, receive, send_with_headers)
+            finally:
+                self.pending -= counted
+                self.metrics.requests.labels(route, str(status)).inc()
+                self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            return
+        self.metrics.requests.labels(route, str(status)).inc()
+
+
 def create_app(
     served: ServedModel,
     encoder: Encoder,
@@ -142,7 +186,6 @@ def create_app(
     metrics = metrics or Metrics()
     extra_headers = dict(headers or {})
     created = int(time.time())
-    pending = 0
     app = FastAPI(title="m3rt", description="BGE-M3: dense, sparse and ColBERT over HTTP", docs_url="/docs")
     app.state.metrics = metrics
 
@@ -155,27 +198,7 @@ def create_app(
         message = f"internal error: {type(exc).__name__}: {exc}"
         return ApiError(500, message, "internal_error").response()
 
-    @app.middleware("http")
-    async def _account(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        nonlocal pending
-        route = request.url.path if request.url.path in ROUTES else "other"
-        started = time.perf_counter()
-        if route in _WORK_ROUTES and pending >= limits.max_pending:
-            metrics.rejected.inc()
-            response: Response = ApiError(
-                503, f"server busy: {pending} requests pending; retry later", "overloaded"
-            ).response()
-        else:
-            counted = route in _WORK_ROUTES
-            pending += counted
-            try:
-                response = await call_next(request)
-            finally:
-                pending -= counted
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
-        response.headers.update(extra_headers)
-        return response
+    app.add_middleware(_Accounting, limits=limits, metrics=metrics, headers=extra_headers)
 
     async def parse(request: Request, kind: type[RequestModel]) -> RequestModel:
         declared = request.headers.get("content-length")
@@ -213,7 +236,10 @@ def create_app(
             message = f"{param} has {len(texts)} entries; at most {limits.max_inputs} per request"
             raise ApiError(413, message, "too_many_inputs", param)
         try:
-            ids = (await asyncio.to_thread(served.tokenizer.encode, texts, max_length, truncate)).ids
+            if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
+                ids = served.tokenizer.encode(texts, max_length, truncate).ids
+            else:
+                ids = (await asyncio.to_thread(served.tokenizer.encode, texts, max_length, truncate)).ids
         except InputTooLongError as exc:
             raise ApiError(400, f"{param}: {exc}", "context_length_exceeded", param) from None
         except InputError as exc:

@@ -160,8 +160,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     clients, batch = _in_process(args, requests)
     gc.collect()  # the in-process model's memory, before the server loads its own copy
     server = _server(args, requests)
+    import ray
+
     return {
         "machine": machine_description(),
+        "ray": ray.__version__,
         "artifact": str(args.artifact),
         "precision": args.precision,
         "distribution": args.distribution,

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from m3rt.errors import InputError  # noqa: E402
 from m3rt.serve.app import Limits, ServedModel, create_app  # noqa: E402
-from m3rt.serve.batching import EncodeJob, LocalEncoder, encode_jobs, padded_tokens  # noqa: E402
+from m3rt.serve.batching import EncodeJob, LocalEncoder, batch_size, encode_jobs, padded_tokens  # noqa: E402
 
 TEXTS = ["hello world", "a much longer text about retrieval with several more words in it", "", "x y z"]
 
@@ -216,7 +216,9 @@ def test_a_bad_job_fails_alone_in_its_batch(tiny_model):
         want = _all(tiny_model, texts, max_length=max_length)
         np.testing.assert_allclose(result.dense, want["dense_vecs"], atol=1e-6)
     assert results[2].sparse is None and results[2].colbert is None
-    assert padded_tokens(jobs) == 5 * max(max(j.lengths) for j in jobs)
+    longest = max(max(j.lengths) for j in jobs)
+    assert padded_tokens(jobs) == batch_size(jobs) == 5 * longest
+    assert batch_size(jobs[:1]) == 1  # a lone job always fits the budget
 
 
 def test_busy_server_answers_503(tiny_model):

@@ -57,15 +57,10 @@ def padded_tokens(jobs: Sequence[EncodeJob]) -> int:
     return rows * longest
 
 
-def batch_size_fn(budget: int):
-    """Ray Serve's size of a list of jobs under a padded-token `budget`. A single job over the budget
-    counts as the budget, so it runs alone (Serve would reject it; `M3Model` splits it itself)."""
-
-    def size(jobs: list[EncodeJob]) -> int:
-        tokens = padded_tokens(jobs)
-        return min(tokens, budget) if len(jobs) == 1 else tokens
-
-    return size
+def batch_size(jobs: Sequence[EncodeJob]) -> int:
+    """Ray Serve's `batch_size_fn`: padded tokens of the jobs together, except that a lone job always
+    fits (Serve fails a single item larger than the budget; `M3Model` splits a large job itself)."""
+    return 1 if len(jobs) == 1 else padded_tokens(jobs)
 
 
 def _encode_group(model: M3Model, jobs: list[EncodeJob]) -> list[EncodedTexts]:

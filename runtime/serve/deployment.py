@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from m3rt.serve.app import Limits, ServedModel, create_app
-from m3rt.serve.batching import EncodedTexts, EncodeJob, encode_jobs, padded_tokens
+from m3rt.serve.batching import EncodedTexts, EncodeJob, batch_size, encode_jobs, padded_tokens
 from m3rt.serve.metrics import Metrics
 
 APP_NAME = "m3rt"
@@ -104,11 +104,6 @@ class _NotATokenBudget(logging.Filter):
         return "`max_batch_size`" not in record.getMessage()
 
 
-def _jobs_size(jobs: list[EncodeJob]) -> int:
-    # A lone job always fits (Serve would fail one larger than the budget; M3Model splits it itself).
-    return 1 if len(jobs) == 1 else padded_tokens(jobs)
-
-
 @serve.deployment(name="M3Encoder")
 @serve.ingress()
 class M3Deployment:
@@ -160,7 +155,7 @@ class M3Deployment:
             raise result
         return result
 
-    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=_jobs_size)
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=batch_size)
     async def _encode_batch(self, jobs: list[EncodeJob]) -> list[EncodedTexts | Exception]:
         self.metrics.batch_jobs.observe(len(jobs))
         self.metrics.batch_tokens.observe(padded_tokens(jobs))

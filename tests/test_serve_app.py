@@ -244,10 +244,12 @@ def test_busy_server_answers_503(tiny_model):
             busy = await http.post("/v1/embeddings", json={"input": "second"})
             health = await http.get("/health")
             encoder.release.set()
-            return (await first), busy, health
+            return (await first), busy, health, (await http.get("/metrics")).text
 
-    first, busy, health = asyncio.run(scenario())
+    first, busy, health, metrics = asyncio.run(scenario())
     assert first.status_code == 200 and health.status_code == 200
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert busy.json()["error"]["code"] == "overloaded"
+    assert "m3rt_rejected_busy_total 1.0" in metrics
+    assert 'm3rt_requests_total{route="/v1/embeddings",status="503"} 1.0' in metrics
     assert len(first.json()["data"][0]["embedding"]) == tiny_model.manifest.hidden_size

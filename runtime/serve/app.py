@@ -155,20 +155,20 @@ class _Accounting:
                 message = {**message, "headers": [*message.get("headers", []), *self.headers]}
             await send(message)
 
-        if counted and self.pending >= self.limits.max_pending:
-            self.metrics.rejected.inc()
-            busy = ApiError(503, f"server busy: {self.pending} requests pending; retry later", "overloaded")
-            await busy.response()(scope, receive, send_with_headers)
-        else:
+        try:
+            if counted and self.pending >= self.limits.max_pending:
+                self.metrics.rejected.inc()
+                busy = ApiError(503, f"server busy: {self.pending} requests pending; retry later", "overloaded")
+                await busy.response()(scope, receive, send_with_headers)
+                return
             self.pending += counted
             try:
                 await self.app(scope, receive, send_with_headers)
             finally:
                 self.pending -= counted
-                self.metrics.requests.labels(route, str(status)).inc()
-                self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-            return
-        self.metrics.requests.labels(route, str(status)).inc()
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
 def create_app(
@@ -187,7 +187,6 @@ def create_app(
     extra_headers = dict(headers or {})
     created = int(time.time())
     app = FastAPI(title="m3rt", description="BGE-M3: dense, sparse and ColBERT over HTTP", docs_url="/docs")
-    app.state.metrics = metrics
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -212,19 +212,18 @@ def test_loopback_only_and_clean_sigint_shutdown(server):
         requests.get(f"{url}/health", timeout=2)
 
 
-def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch):
-    """Two replicas on a two-node local cluster (every node on 127.0.0.1), one HTTP proxy: answers come
-    from both nodes and equal in-process encode."""
-    # The one proxy would send everything to the replica on its own node while that one has room;
-    # the cluster's processes inherit this environment.
-    monkeypatch.setenv("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
+def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch, tmp_path):
+    """`m3rt serve --address` on a running two-node local cluster (every node on 127.0.0.1), two
+    replicas behind one HTTP proxy: answers come from both nodes and equal in-process encode; on
+    SIGINT the command removes its application and leaves the cluster running."""
     import ray
     from ray import serve
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
-    from m3rt.serve.deployment import build_app
-
+    # The one proxy would send everything to the replica on its own node while that one has room;
+    # the cluster's processes inherit this environment.
+    monkeypatch.setenv("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
     # What `m3rt serve` does for a local Ray (deployment._keep_ray_on_loopback), undone after the test.
     monkeypatch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
@@ -234,15 +233,21 @@ def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch)
         initialize_head=True,
         head_node_args={"node_ip_address": "127.0.0.1", "num_cpus": 1, "include_dashboard": False},
     )
+    server = None
+    log = tmp_path / "server.log"
     try:
         cluster.add_node(node_ip_address="127.0.0.1", num_cpus=1)
         ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        serve.run(
-            build_app({"artifact": str(tiny[1]), "num_replicas": 2, "num_cpus": 1}), name="m3rt", route_prefix="/"
-        )
+        command = [
+            sys.executable, "-m", "m3rt.cli", "serve", str(tiny[1]), "--address", cluster.address,
+            "--node-ip-address", "127.0.0.1", "--port", str(port), "--replicas", "2", "--num-cpus", "1",
+        ]  # fmt: skip
+        # Not inherited: the command itself must keep its driver on loopback.
+        env = {k: v for k, v in os.environ.items() if k != ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR}
+        with open(log, "w") as out:
+            server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, 120)
+        _wait_ready(url, 180, alive=lambda: server.poll() is None)
 
         nodes = [n for n in ray.nodes() if n["Alive"]]
         assert len(nodes) == 2
@@ -271,9 +276,21 @@ def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch)
         assert cards <= node_ids
         processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         _assert_loopback_only([psutil.Process(), *processes])
+
+        server.send_signal(signal.SIGINT)
+        assert server.wait(90) == 0, log.read_text()[-3000:]
+        assert "m3rt" not in serve.status().applications
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    except BaseException:
+        print(log.read_text()[-5000:] if log.exists() else "")
+        raise
     finally:
+        if server is not None and server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
         finally:
             ray.shutdown()
             cluster.shutdown()

@@ -185,17 +185,19 @@ def run_server(
     node_ip_address: str | None = None,
 ) -> None:
     """Deploy on a new local Ray instance (address None: every Ray service on 127.0.0.1, no dashboard,
-    no usage statistics) or on the cluster at `address`; serve until SIGINT / SIGTERM, then remove it."""
+    no usage statistics) or on the cluster at `address` (this driver on `node_ip_address` if given);
+    serve until SIGINT / SIGTERM, then remove the application (and stop the local instance)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    if address is None and (node_ip_address or LOOPBACK) in ("127.0.0.1", "localhost", "::1"):
+    node_ip = node_ip_address or (LOOPBACK if address is None else None)
+    if node_ip in ("127.0.0.1", "localhost", "::1"):
         _keep_ray_on_loopback()
     app = build_app(config)  # bad settings fail before Ray starts
     if address is None:
-        ray.init(_node_ip_address=node_ip_address or LOOPBACK, include_dashboard=False, num_cpus=_local_cpus(config))
+        ray.init(_node_ip_address=node_ip, include_dashboard=False, num_cpus=_local_cpus(config))
     else:
-        ray.init(address=address, **({"_node_ip_address": node_ip_address} if node_ip_address else {}))
+        ray.init(address=address, **({"_node_ip_address": node_ip} if node_ip else {}))
 
     def stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt

@@ -3,13 +3,14 @@ same number of concurrent clients; throughput and per-request latency (p50 / p99
 
 Three rows: in-process `encode` called by N client threads (like for like: no batching across
 requests), one in-process `encode` of every text (the offline batch ceiling), and the server (HTTP,
-JSON, Ray Serve's batching across requests). The server is a `m3rt serve` subprocess on 127.0.0.1.
+JSON, Ray Serve's batching across requests). The server is a `m3rt serve` subprocess on 127.0.0.1,
+running while the in-process rows are measured (idle then); the rounds alternate the three runners
+and each row is its best round, so that a shared machine's changing load hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import signal
@@ -18,8 +19,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,25 +68,8 @@ def _outputs(args: argparse.Namespace) -> dict[str, bool]:
     return {"return_dense": True, "return_sparse": True, "return_colbert_vecs": args.colbert}
 
 
-def _in_process(args: argparse.Namespace, requests: list[list[str]]) -> tuple[dict, dict]:
-    from m3rt.model import M3Model
-
-    model = M3Model.load(args.artifact, precision=args.precision, verify=False, intra_op_threads=args.threads)
-    outputs = _outputs(args)
-    try:
-        # Once alone first: numpy imports submodules lazily, and a first use from many threads at once
-        # can recurse (numpy.ma via np.unique in 2.x).
-        model.encode(requests[0], **outputs)
-        _drive(lambda texts: model.encode(texts, **outputs), requests[: args.clients], args.clients)  # warm-up
-        clients = _drive(lambda texts: model.encode(texts, **outputs), requests, args.clients)
-        everything = [t for r in requests for t in r]
-        started = time.perf_counter()
-        model.encode(everything, **outputs)
-        wall = time.perf_counter() - started
-        batch = {"seconds": wall, "texts_per_s": len(everything) / wall, "requests_per_s": len(requests) / wall}
-        return clients, batch
-    finally:
-        model.close()
+def _best(rows: list[dict[str, float]]) -> dict[str, float]:
+    return max(rows, key=lambda row: row["texts_per_s"])
 
 
 def _free_port() -> int:
@@ -93,7 +78,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _server(args: argparse.Namespace, requests: list[list[str]]) -> dict:
+@contextmanager
+def _server(args: argparse.Namespace) -> Iterator[tuple[Callable[[list[str]], None], str]]:
+    """A `m3rt serve` subprocess, ready: (a thread-safe client call, its URL). Stopped with SIGINT."""
     import requests as http
 
     port = _free_port()
@@ -104,6 +91,8 @@ def _server(args: argparse.Namespace, requests: list[list[str]]) -> dict:
     ]  # fmt: skip
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.no_access_log:
+        command.append("--no-access-log")
     log = open(args.out / "server.log", "w")  # noqa: SIM115 - closed with the process
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -130,12 +119,7 @@ def _server(args: argparse.Namespace, requests: list[list[str]]) -> dict:
             except http.RequestException:
                 pass
             time.sleep(0.5)
-        _drive(call, requests[: args.clients], args.clients)  # warm-up
-        result = _drive(call, requests, args.clients)
-        metrics = http.get(f"{url}/metrics", timeout=10).text
-        result["batches"] = _metric(metrics, "m3rt_batch_requests_count")
-        result["requests_per_batch"] = _metric(metrics, "m3rt_batch_requests_sum") / max(result["batches"], 1)
-        return result
+        yield call, url
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -143,6 +127,41 @@ def _server(args: argparse.Namespace, requests: list[list[str]]) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def _measure(args: argparse.Namespace, requests: list[list[str]]) -> tuple[dict, dict, dict]:
+    """Best of `args.rounds` rounds of each runner, the rounds interleaved so that a change in the
+    machine's load affects every runner alike."""
+    import requests as http
+
+    from m3rt.model import M3Model
+
+    outputs = _outputs(args)
+    everything = [t for r in requests for t in r]
+    with _server(args) as (call, url):
+        model = M3Model.load(args.artifact, precision=args.precision, verify=False, intra_op_threads=args.threads)
+        try:
+            # Once alone first: numpy imports submodules lazily, and a first use from many threads at
+            # once can recurse (numpy.ma via np.unique in 2.x).
+            model.encode(requests[0], **outputs)
+            local = lambda texts: model.encode(texts, **outputs)  # noqa: E731
+            _drive(local, requests[: args.clients], args.clients)  # warm-up
+            _drive(call, requests[: args.clients], args.clients)
+            clients, one_call, server = [], [], []
+            for _ in range(args.rounds):
+                clients.append(_drive(local, requests, args.clients))
+                started = time.perf_counter()
+                model.encode(everything, **outputs)
+                wall = time.perf_counter() - started
+                one_call.append({"seconds": wall, "texts_per_s": len(everything) / wall})
+                server.append(_drive(call, requests, args.clients))
+        finally:
+            model.close()
+        metrics = http.get(f"{url}/metrics", timeout=10).text
+    best = _best(server)
+    best["batches"] = _metric(metrics, "m3rt_batch_requests_count")
+    best["requests_per_batch"] = _metric(metrics, "m3rt_batch_requests_sum") / max(best["batches"], 1)
+    return _best(clients), _best(one_call), best
 
 
 def _metric(text: str, name: str) -> float:
@@ -157,9 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     requests = _requests(args)
-    clients, batch = _in_process(args, requests)
-    gc.collect()  # the in-process model's memory, before the server loads its own copy
-    server = _server(args, requests)
+    clients, batch, server = _measure(args, requests)
     import ray
 
     return {
@@ -171,6 +188,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests": len(requests),
         "texts_per_request": args.texts_per_request,
         "clients": args.clients,
+        "rounds": args.rounds,
+        "access_log": not args.no_access_log,
         "colbert": args.colbert,
         "in_process_clients": clients,
         "in_process_one_call": batch,
@@ -215,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (both sides)")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--no-access-log", action="store_true", help="the server logs no line per request")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each runner")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", "--out", "-o", dest="out", type=Path, default=Path("bench-serve"))
     return parser

@@ -192,6 +192,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     srv.add_argument("--max-ongoing", type=int, default=64, help="requests in progress per replica")
     srv.add_argument("--max-queued", type=int, default=512, help="requests queued before 503 (-1: unbounded)")
+    srv.add_argument("--no-access-log", action="store_true", help="no log line per request")
     srv.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact")
     srv.set_defaults(func=_serve)
 
@@ -221,6 +222,7 @@ def _serve(args: argparse.Namespace) -> int:
             num_gpus=args.num_gpus,
             max_ongoing_requests=args.max_ongoing,
             max_queued_requests=args.max_queued,
+            access_log=not args.no_access_log,
         )
         config.deployment_options()
     except (ValidationError, ValueError) as exc:

@@ -253,3 +253,46 @@ def test_busy_server_answers_503(tiny_model):
     assert "m3rt_rejected_busy_total 1.0" in metrics
     assert 'm3rt_requests_total{route="/v1/embeddings",status="503"} 1.0' in metrics
     assert len(first.json()["data"][0]["embedding"]) == tiny_model.manifest.hidden_size
+
+
+def test_coalescer_merges_the_batches_that_wait_for_the_model():
+    """Batches queued while the model runs go together in the next run (within the token budget);
+    each batch gets its own results in order; a failed run fails only the batches it held."""
+    import threading
+    import time
+
+    from m3rt.serve.batching import Coalescer
+
+    runs: list[list[str]] = []
+    started = threading.Event()
+
+    def run(jobs):
+        runs.append([job.texts[0] for job in jobs])
+        started.set()
+        time.sleep(0.2)  # the model is busy: the other batches queue meanwhile
+        if any(job.texts[0] == "boom" for job in jobs):
+            raise RuntimeError("boom")
+        return [f"result of {job.texts[0]}" for job in jobs]
+
+    def job(text, tokens=4):
+        return EncodeJob((text,), (tokens,), 64, frozenset({"dense"}))
+
+    async def scenario(budget, batches):
+        coalescer = Coalescer(run, budget)
+        first = asyncio.create_task(coalescer([job("a")]))
+        await asyncio.to_thread(started.wait)
+        rest = [asyncio.create_task(coalescer(b)) for b in batches]
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    results = asyncio.run(scenario(1000, [[job("b"), job("c")], [job("d")], [job("e"), job("f")]]))
+    assert runs == [["a"], ["b", "c", "d", "e", "f"]]
+    assert results == [["result of a"], ["result of b", "result of c"], ["result of d"], ["result of e", "result of f"]]
+
+    runs.clear()
+    started.clear()
+    # Budget 16 padded tokens: b+c (3 rows x 4 with d) fit, e (8) does not join them; e and boom
+    # (2 rows x 8) do, and their failed run fails those two batches only.
+    results = asyncio.run(scenario(16, [[job("b"), job("c")], [job("d")], [job("e", 8)], [job("boom")]]))
+    assert runs == [["a"], ["b", "c", "d"], ["e", "boom"]]
+    assert results[:3] == [["result of a"], ["result of b", "result of c"], ["result of d"]]
+    assert all(isinstance(r, RuntimeError) for r in results[3:])

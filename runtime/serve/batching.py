@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -122,6 +122,49 @@ def encode_jobs(model: M3Model, jobs: Sequence[EncodeJob]) -> list[EncodedTexts 
                 except Exception as job_error:  # noqa: BLE001 - this job's own answer
                     results[i] = job_error
     return results  # type: ignore[return-value]
+
+
+class Coalescer:
+    """Runs batches of jobs one at a time in a worker thread, merging the batches that wait for the model.
+
+    Ray Serve closes a batch when its wait window ends and queues it even while the model is busy, so
+    under load many small batches wait behind one another. Here the batches waiting when the model
+    becomes free run together, as one `run` (one `encode`), as long as their padded tokens stay
+    within `budget`; each batch still gets its own results, in order.
+    """
+
+    def __init__(self, run: Callable[[list[EncodeJob]], list[EncodedTexts | Exception]], budget: int) -> None:
+        self._run = run
+        self._budget = budget
+        self._waiting: list[tuple[list[EncodeJob], asyncio.Future]] = []
+        self._model = asyncio.Lock()
+
+    async def __call__(self, jobs: list[EncodeJob]) -> list[EncodedTexts | Exception]:
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((list(jobs), done))
+        async with self._model:
+            if not done.done():  # else an earlier holder of the lock ran these jobs with its own
+                await self._run_waiting()
+        return await done
+
+    async def _run_waiting(self) -> None:
+        taken, merged = [], []
+        while self._waiting:
+            jobs, done = self._waiting[0]
+            if merged and padded_tokens(merged + jobs) > self._budget:
+                break
+            taken.append(self._waiting.pop(0))
+            merged += jobs
+        try:
+            results = await asyncio.to_thread(self._run, merged)
+        except Exception as exc:  # noqa: BLE001 - every caller of this run gets it
+            for _, done in taken:
+                done.set_exception(exc)
+            return
+        start = 0
+        for jobs, done in taken:
+            done.set_result(results[start : start + len(jobs)])
+            start += len(jobs)
 
 
 class LocalEncoder:

@@ -8,7 +8,6 @@ batched across requests by Serve's `@serve.batch`, sized in padded tokens, one `
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from m3rt.serve.app import Limits, ServedModel, create_app
-from m3rt.serve.batching import EncodedTexts, EncodeJob, batch_size, encode_jobs, padded_tokens
+from m3rt.serve.batching import Coalescer, EncodedTexts, EncodeJob, batch_size, encode_jobs, padded_tokens
 from m3rt.serve.metrics import Metrics
 
 APP_NAME = "m3rt"
@@ -54,12 +53,15 @@ class ServeConfig(BaseModel):
     max_queued_requests: int = Field(default=512, ge=-1)
     max_body_bytes: int = Field(default=Limits.max_body_bytes, ge=1)
     max_inputs: int = Field(default=Limits.max_inputs, ge=1)
+    # Serve's log line per request (its replica log and the driver's console).
+    access_log: bool = True
 
     def deployment_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "logging_config": {"enable_access_log": self.access_log},
         }
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("give both min_replicas and max_replicas to autoscale, or neither")
@@ -128,6 +130,7 @@ class M3Deployment:
         self.model.encode(["warm up"], return_dense=True, return_sparse=True, return_colbert_vecs=True)
         self.metrics = Metrics()
         self._encode_batch.set_max_batch_size(config.max_batch_tokens)
+        self._coalescer = Coalescer(self._run_jobs, config.max_batch_tokens)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -155,12 +158,15 @@ class M3Deployment:
             raise result
         return result
 
-    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=batch_size)
+    # Several batches may be handed over at once: the coalescer merges those that wait for the model.
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, max_concurrent_batches=16, batch_size_fn=batch_size)
     async def _encode_batch(self, jobs: list[EncodeJob]) -> list[EncodedTexts | Exception]:
+        return await self._coalescer(jobs)
+
+    def _run_jobs(self, jobs: list[EncodeJob]) -> list[EncodedTexts | Exception]:
         self.metrics.batch_jobs.observe(len(jobs))
         self.metrics.batch_tokens.observe(padded_tokens(jobs))
-        # In a thread: the replica's event loop keeps taking requests (and forming the next batch).
-        return await asyncio.to_thread(encode_jobs, self.model, jobs)
+        return encode_jobs(self.model, jobs)
 
     def __del__(self) -> None:
         model = getattr(self, "model", None)

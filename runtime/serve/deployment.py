@@ -130,8 +130,8 @@ class M3Deployment:
         self.model.encode(["warm up"], return_dense=True, return_sparse=True, return_colbert_vecs=True)
         self.metrics = Metrics()
         self._encode_batch.set_max_batch_size(config.max_batch_tokens)
-        self._coalescer = Coalescer(self._run_jobs, config.max_batch_tokens)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._coalescer = Coalescer(self._run_jobs, config.max_batch_tokens)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 

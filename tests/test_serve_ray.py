@@ -10,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -90,20 +92,19 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):
-    """`m3rt serve` as a subprocess on a free loopback port; stopped with SIGINT by the test that checks
-    shutdown, or here in any case."""
+@contextmanager
+def _serving(artifact, log, *options: str):
+    """`m3rt serve ARTIFACT OPTIONS` as a subprocess on a free loopback port, ready: (process, URL).
+    Stopped with SIGINT unless a test stopped it already."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "m3rt.cli", "serve", str(tiny[1]), "--port", str(port), "--batch-wait-ms", "20"]
+    command = [sys.executable, "-m", "m3rt.cli", "serve", str(artifact), "--port", str(port), *options]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, 180, alive=lambda: proc.poll() is None)
-        yield proc, url, log
+        yield proc, url
     except BaseException:
         print(log.read_text()[-5000:])
         raise
@@ -115,6 +116,14 @@ def server(tiny, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    """(process, URL, log) of a server with the default limits."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with _serving(tiny[1], log, "--batch-wait-ms", "20") as (proc, url):
+        yield proc, url, log
 
 
 def test_server_under_concurrency(server, tiny_model, texts):
@@ -135,7 +144,7 @@ def test_server_under_concurrency(server, tiny_model, texts):
 
     def call(entry):
         kind, what = entry
-        session = session_per_thread.setdefault(threading_id(), requests.Session())
+        session = session_per_thread.setdefault(threading.get_ident(), requests.Session())
         if kind == "bad":
             body, _ = what
         else:
@@ -167,12 +176,6 @@ def test_server_under_concurrency(server, tiny_model, texts):
     assert _metric(metrics, 'm3rt_requests_total{route="/v1/encode",status="200"}') == good
 
 
-def threading_id() -> int:
-    import threading
-
-    return threading.get_ident()
-
-
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -194,6 +197,28 @@ def test_openai_client(server, tiny_model):
     assert result.usage.prompt_tokens > 0
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def test_back_pressure_answers_503(tiny, tiny_model, tmp_path):
+    """More simultaneous requests than the replica takes (--max-ongoing) plus what its proxy queues
+    (--max-queued): the excess gets 503, the rest their right answers."""
+    texts = [f"request text {i} " + "many words in a long text " * 20 for i in range(16)]
+    reference = tiny_model.encode(texts, return_dense=True)["dense_vecs"]
+    clients = 24
+    gate = threading.Barrier(clients)
+    with _serving(tiny[1], tmp_path / "server.log", "--max-ongoing", "2", "--max-queued", "2") as (_, url):
+
+        def call(_):
+            gate.wait()
+            response = requests.post(f"{url}/v1/encode", json={"input": texts, "return_sparse": False}, timeout=120)
+            if response.status_code == 200:
+                got = np.array([item["dense"] for item in response.json()["data"]])
+                np.testing.assert_allclose(got, reference, atol=1e-5)
+            return response.status_code
+
+        with ThreadPoolExecutor(clients) as threads:
+            statuses = list(threads.map(call, range(clients)))
+    assert set(statuses) == {200, 503}, statuses
 
 
 def test_loopback_only_and_clean_sigint_shutdown(server):

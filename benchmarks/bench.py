@@ -421,6 +421,11 @@ def run_scenario_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the HTTP server against in-process encode (m3rt[serve])
+        from m3rt.benchmarks.serve_bench import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.scenarios:
         report = run_scenario_bench(args)

@@ -4,7 +4,8 @@
 - `encode`: texts -> the three outputs, summarised;
 - `inspect`: an artifact's manifest, verified; which int8 graph this CPU serves;
 - `compare`: one precision of an artifact against another on the held-out samples (the gates' metrics);
-- `bench`: latency, throughput, fidelity and memory of every backend (the same as `m3-bench`).
+- `bench`: latency, throughput, fidelity and memory of every backend (the same as `m3-bench`);
+- `serve`: the HTTP API on Ray Serve (extra `m3rt[serve]`; see m3rt.serve).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from m3rt.errors import InputError, M3Error
+from m3rt.serve.cli import add_serve_parser
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", action="store_true")
     cmp.add_argument("--no-verify", action="store_true")
     cmp.set_defaults(func=_compare)
+    add_serve_parser(sub)  # m3rt.serve.cli: no Ray import until the verb runs
     return parser
 
 

@@ -16,7 +16,7 @@ from m3rt.manifest import Manifest, load_manifest
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
 from m3rt.postprocess import OutputCollector, PostProcessor
 from m3rt.scheduler import pad_batch, plan_batches, token_lengths
-from m3rt.scoring import colbert_score, combine_scores, lexical_matching_score, lexical_matching_scores
+from m3rt.scoring import colbert_score, lexical_matching_scores, pair_scores
 from m3rt.tokenizer import M3Tokenizer
 
 SparseFormat = Literal["dict", "csr", "scipy"]
@@ -319,26 +319,7 @@ class M3Model:
         queries = self.encode([p[0] for p in pairs], batch_size=batch_size, max_length=q_len, **everything)
         passages = self.encode([p[1] for p in pairs], batch_size=batch_size, max_length=p_len, **everything)
 
-        n = len(pairs)
-        dense = np.einsum("ij,ij->i", queries["dense_vecs"], passages["dense_vecs"]).astype(np.float32)
-        sparse = np.array(
-            [lexical_matching_score(q, p) for q, p in zip(queries["lexical_weights"], passages["lexical_weights"])],
-            dtype=np.float32,
-        )
-        # FlagEmbedding pads passages per chunk of batch_size pairs: shorter ones see zero rows.
-        p_counts = np.array([len(v) for v in passages["colbert_vecs"]])
-        padded = np.zeros(n, dtype=bool)
-        for start in range(0, n, batch_size):
-            chunk = slice(start, start + batch_size)
-            padded[chunk] = p_counts[chunk] < p_counts[chunk].max()
-        colbert = np.array(
-            [
-                colbert_score(q, p, padded_passage=bool(pad))
-                for q, p, pad in zip(queries["colbert_vecs"], passages["colbert_vecs"], padded)
-            ],
-            dtype=np.float32,
-        )
-        scores = combine_scores(dense, sparse, colbert, weights_for_different_modes)
+        scores = pair_scores(queries, passages, batch_size, weights_for_different_modes)
         if single:
             return {k: float(v[0]) for k, v in scores.items()}
         return {k: v.astype(np.float32).tolist() for k, v in scores.items()}

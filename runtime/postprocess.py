@@ -195,7 +195,8 @@ class OutputCollector:
         rows = np.asarray(batch.indices, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_texts):
             raise ValueError(f"batch rows outside 0..{self.num_texts - 1}")
-        if self._delivered[rows].any() or len(np.unique(rows)) != len(rows):
+        ordered = np.sort(rows)  # not np.unique: its first call in a process imports numpy.ma, racily under threads
+        if self._delivered[rows].any() or bool((ordered[1:] == ordered[:-1]).any()):
             raise RuntimeError(f"inputs {rows[self._delivered[rows]].tolist()} delivered twice")
         missing = [name for name in self.outputs if name not in values]
         if missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -65,3 +66,29 @@ def combine_scores(
         "sparse+dense": (sparse * w_sparse + dense * w_dense) / (w_sparse + w_dense),
         "colbert+sparse+dense": (colbert * w_colbert + sparse * w_sparse + dense * w_dense) / weight_sum,
     }
+
+
+def pair_scores(
+    queries: Mapping[str, Any], passages: Mapping[str, Any], batch_size: int, weights: list[float] | None
+) -> dict[str, np.ndarray]:
+    """`compute_score`'s scores of pair i = (queries row i, passages row i), from the three outputs of
+    both sides (`encode`'s dict, lexical weights as dicts), as float32 arrays per score name."""
+    dense = np.einsum("ij,ij->i", queries["dense_vecs"], passages["dense_vecs"]).astype(np.float32)
+    sparse = np.array(
+        [lexical_matching_score(q, p) for q, p in zip(queries["lexical_weights"], passages["lexical_weights"])],
+        dtype=np.float32,
+    )
+    # FlagEmbedding pads passages per chunk of batch_size pairs: shorter ones see zero rows.
+    p_counts = np.array([len(v) for v in passages["colbert_vecs"]])
+    padded = np.zeros(len(p_counts), dtype=bool)
+    for start in range(0, len(p_counts), batch_size):
+        chunk = slice(start, start + batch_size)
+        padded[chunk] = p_counts[chunk] < p_counts[chunk].max()
+    colbert = np.array(
+        [
+            colbert_score(q, p, padded_passage=bool(pad))
+            for q, p, pad in zip(queries["colbert_vecs"], passages["colbert_vecs"], padded)
+        ],
+        dtype=np.float32,
+    )
+    return combine_scores(dense, sparse, colbert, weights)

@@ -1,0 +1,380 @@
+"""The HTTP API as a plain FastAPI app over any `Encoder`: validation, routes, error JSON, metrics.
+
+Ray Serve builds one per replica around its batching encoder (`m3rt.serve.deployment`); tests and
+other ASGI servers can run it on a `LocalEncoder`. Bodies are parsed here rather than by FastAPI so
+that every failure answers OpenAI's error JSON: 400 bad JSON or input, 404 unknown model, 413 too
+large, 422 wrong types or fields, 503 too many requests pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from m3rt.errors import InputError, InputTooLongError
+from m3rt.scoring import pair_scores
+from m3rt.serve.batching import EncodedTexts, EncodeJob
+from m3rt.serve.metrics import Metrics
+from m3rt.serve.protocol import (
+    EmbeddingsRequest,
+    EncodeRequest,
+    RerankRequest,
+    ScoreRequest,
+    as_texts,
+    error_body,
+    matrix,
+    sparse,
+    vector,
+)
+from m3rt.tokenizer import M3Tokenizer
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+ROUTES = ("/v1/embeddings", "/v1/encode", "/v1/rerank", "/v1/score", "/v1/models", "/health", "/ready", "/metrics")
+# Routes that queue work: the ones counted against `Limits.max_pending`.
+_WORK_ROUTES = frozenset(ROUTES[:4])
+# Shorter requests are tokenised on the event loop (well under a millisecond); longer ones in a thread.
+_INLINE_TOKENIZE_CHARS = 4096
+
+
+class Encoder(Protocol):
+    async def encode(self, job: EncodeJob) -> EncodedTexts: ...
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the app needs to know about the model behind the encoder."""
+
+    name: str
+    tokenizer: M3Tokenizer
+    hidden_size: int
+    max_length: int
+    query_max_length: int
+    passage_max_length: int
+    # compute_score's batch_size: FlagEmbedding's ColBERT padding depends on it.
+    score_batch_size: int
+    aliases: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: Any, name: str, metadata: Mapping[str, Any] | None = None) -> ServedModel:
+        """From an `M3Model`; the artifact's source model name is accepted as well as `name`."""
+        source = model.manifest.source.get("model")
+        return cls(
+            name=name,
+            tokenizer=model.tokenizer,
+            hidden_size=model.manifest.hidden_size,
+            max_length=model.max_length,
+            query_max_length=model.query_max_length,
+            passage_max_length=model.passage_max_length,
+            score_batch_size=model.batch_size,
+            aliases=(source,) if isinstance(source, str) and source != name else (),
+            metadata=dict(metadata or {}),
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_inputs: int = 2048  # texts, documents or pairs per request
+    max_pending: int = 512  # requests in progress in this process before new ones get 503
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(error_body(self.message, kind, self.code, self.param), self.status, headers=headers)
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    errors = exc.errors(include_url=False)
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors[:5]]
+    param = ".".join(map(str, errors[0]["loc"])) if errors and errors[0]["loc"] else None
+    return "; ".join(parts), param
+
+
+def _outputs(**wanted: bool) -> set[str]:
+    return {name for name, want in wanted.items() if want}
+
+
+def _usage(jobs: list[EncodeJob]) -> dict[str, int]:
+    tokens = sum(job.num_tokens for job in jobs)
+    return {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def _flag_outputs(encoded: EncodedTexts, repeat: int | None = None) -> dict[str, Any]:
+    """`encode`'s dict of one job (lexical weights as FlagEmbedding's dicts), for `pair_scores`;
+    `repeat` stacks a single text's outputs that many times (one query against many documents)."""
+    lexical = [dict(zip(ids.astype(str).tolist(), list(w.astype(np.float32)))) for ids, w in encoded.sparse]
+    dense, colbert = encoded.dense, encoded.colbert
+    if repeat is not None:
+        dense, lexical, colbert = np.repeat(dense, repeat, axis=0), lexical * repeat, colbert * repeat
+    return {"dense_vecs": dense, "lexical_weights": lexical, "colbert_vecs": colbert}
+
+
+def _score_dict(scores: Mapping[str, np.ndarray], index: int) -> dict[str, float]:
+    return {name: float(values[index]) for name, values in scores.items()}
+
+
+class _Accounting:
+    """ASGI middleware: 503 past `max_pending` requests of work in progress, metrics per route and
+    status, `headers` on every response (a plain ASGI wrapper: Starlette's `BaseHTTPMiddleware`
+    costs a task group and a stream per request)."""
+
+    def __init__(self, app: Any, *, limits: Limits, metrics: Metrics, headers: dict[str, str]) -> None:
+        self.app, self.limits, self.metrics = app, limits, metrics
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.pending = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        counted = route in _WORK_ROUTES
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_headers(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        try:
+            if counted and self.pending >= self.limits.max_pending:
+                self.metrics.rejected.inc()
+                busy = ApiError(503, f"server busy: {self.pending} requests pending; retry later", "overloaded")
+                await busy.response()(scope, receive, send_with_headers)
+                return
+            self.pending += counted
+            try:
+                await self.app(scope, receive, send_with_headers)
+            finally:
+                self.pending -= counted
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def create_app(
+    served: ServedModel,
+    encoder: Encoder,
+    *,
+    limits: Limits | None = None,
+    metrics: Metrics | None = None,
+    headers: Mapping[str, str] | None = None,
+    ready: Callable[[], bool] | None = None,
+) -> FastAPI:
+    """The API over `encoder`. `headers` go on every response (e.g. which node answered);
+    `ready` decides /ready (default: always ready, the encoder exists)."""
+    limits = limits or Limits()
+    metrics = metrics or Metrics()
+    extra_headers = dict(headers or {})
+    created = int(time.time())
+    app = FastAPI(title="m3rt", description="BGE-M3: dense, sparse and ColBERT over HTTP", docs_url="/docs")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        return ApiError(500, message, "internal_error").response()
+
+    app.add_middleware(_Accounting, limits=limits, metrics=metrics, headers=extra_headers)
+
+    async def parse(request: Request, kind: type[RequestModel]) -> RequestModel:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
+        body = await request.body()
+        if len(body) > limits.max_body_bytes:
+            raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
+        try:
+            parsed = kind.model_validate(data)
+        except ValidationError as exc:
+            message, param = _validation_message(exc)
+            raise ApiError(422, message, "invalid_type", param) from None
+        model = getattr(parsed, "model", None)
+        if model is not None and model not in (served.name, *served.aliases):
+            raise ApiError(
+                404, f"model {model!r} does not exist; this server serves {served.name!r}", "model_not_found", "model"
+            )
+        return parsed
+
+    def check_length(value: int | None, default: int, param: str) -> int:
+        value = default if value is None else value
+        if not 2 <= value <= served.max_length:
+            raise ApiError(400, f"{param} must be in [2, {served.max_length}], got {value}", "invalid_value", param)
+        return value
+
+    async def make_job(texts: list[str], max_length: int, truncate: bool, outputs: set[str], param: str) -> EncodeJob:
+        if not texts:
+            raise ApiError(400, f"{param} is empty: pass at least one text", "empty_input", param)
+        if len(texts) > limits.max_inputs:
+            message = f"{param} has {len(texts)} entries; at most {limits.max_inputs} per request"
+            raise ApiError(413, message, "too_many_inputs", param)
+        try:
+            if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
+                ids = served.tokenizer.encode(texts, max_length, truncate).ids
+            else:
+                ids = (await asyncio.to_thread(served.tokenizer.encode, texts, max_length, truncate)).ids
+        except InputTooLongError as exc:
+            raise ApiError(400, f"{param}: {exc}", "context_length_exceeded", param) from None
+        except InputError as exc:
+            raise ApiError(400, f"{param}: {exc}", "invalid_input", param) from None
+        return EncodeJob(tuple(texts), tuple(len(row) for row in ids), max_length, frozenset(outputs))
+
+    async def run(*jobs: EncodeJob) -> list[EncodedTexts]:
+        try:
+            results = await asyncio.gather(*(encoder.encode(job) for job in jobs))
+        except InputError as exc:
+            raise ApiError(400, str(exc), "invalid_input") from None
+        for job in jobs:
+            metrics.texts.inc(len(job.texts))
+            metrics.tokens.inc(job.num_tokens)
+        return list(results)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        req = await parse(request, EmbeddingsRequest)
+        if req.dimensions is not None and req.dimensions != served.hidden_size:
+            message = f"dimensions must be {served.hidden_size} (BGE-M3's dense vectors cannot be shortened)"
+            raise ApiError(400, message, "invalid_value", "dimensions")
+        outputs = _outputs(dense=True, sparse=req.return_sparse, colbert=req.return_colbert)
+        max_length = check_length(req.max_length, served.passage_max_length, "max_length")
+        job = await make_job(as_texts(req.input), max_length, req.truncate, outputs, "input")
+        (out,) = await run(job)
+        data = []
+        for i in range(len(job.texts)):
+            item: dict[str, Any] = {
+                "object": "embedding",
+                "index": i,
+                "embedding": vector(out.dense[i], req.encoding_format),
+            }
+            if out.sparse is not None:
+                item["sparse"] = sparse(*out.sparse[i], "indices_values")
+            if out.colbert is not None:
+                item["colbert"] = matrix(out.colbert[i], req.encoding_format)
+            data.append(item)
+        return JSONResponse({"object": "list", "data": data, "model": served.name, "usage": _usage([job])})
+
+    @app.post("/v1/encode")
+    async def encode(request: Request) -> JSONResponse:
+        req = await parse(request, EncodeRequest)
+        outputs = _outputs(dense=req.return_dense, sparse=req.return_sparse, colbert=req.return_colbert)
+        if not outputs:
+            raise ApiError(400, "ask for at least one of return_dense, return_sparse, return_colbert", "no_output")
+        max_length = check_length(req.max_length, served.passage_max_length, "max_length")
+        job = await make_job(as_texts(req.input), max_length, req.truncate, outputs, "input")
+        (out,) = await run(job)
+        data = []
+        for i in range(len(job.texts)):
+            item: dict[str, Any] = {"index": i}
+            if out.dense is not None:
+                item["dense"] = vector(out.dense[i], req.encoding_format)
+            if out.sparse is not None:
+                item["sparse"] = sparse(*out.sparse[i], req.sparse_format)
+            if out.colbert is not None:
+                item["colbert"] = matrix(out.colbert[i], req.encoding_format)
+            data.append(item)
+        return JSONResponse({"object": "list", "data": data, "model": served.name, "usage": _usage([job])})
+
+    def check_weights(weights: list[float] | None) -> list[float] | None:
+        if weights is not None and (sum(weights) == 0 or weights[0] + weights[1] == 0):
+            message = "weights [dense, sparse, colbert]: neither the sum nor dense + sparse may be 0"
+            raise ApiError(400, message, "invalid_value", "weights")
+        return weights
+
+    everything = {"dense", "sparse", "colbert"}
+
+    @app.post("/v1/rerank")
+    async def rerank(request: Request) -> JSONResponse:
+        req = await parse(request, RerankRequest)
+        weights = check_weights(req.weights)
+        q_len = check_length(req.max_query_length, served.query_max_length, "max_query_length")
+        p_len = check_length(req.max_passage_length, served.passage_max_length, "max_passage_length")
+        documents = req.document_texts()
+        query_job = await make_job([req.query], q_len, True, everything, "query")
+        docs_job = await make_job(documents, p_len, True, everything, "documents")
+        query, docs = await run(query_job, docs_job)
+        scores = pair_scores(
+            _flag_outputs(query, repeat=len(documents)), _flag_outputs(docs), served.score_batch_size, weights
+        )
+        combined = scores["colbert+sparse+dense"]
+        order = sorted(range(len(documents)), key=lambda i: (-combined[i], i))[: req.top_n]
+        results = []
+        for i in order:
+            result: dict[str, Any] = {
+                "index": i,
+                "relevance_score": float(combined[i]),
+                "scores": _score_dict(scores, i),
+            }
+            if req.return_documents:
+                result["document"] = {"text": documents[i]}
+            results.append(result)
+        usage = _usage([query_job, docs_job])
+        return JSONResponse({"object": "rerank", "model": served.name, "results": results, "usage": usage})
+
+    @app.post("/v1/score")
+    async def score(request: Request) -> JSONResponse:
+        req = await parse(request, ScoreRequest)
+        weights = check_weights(req.weights)
+        q_len = check_length(req.max_query_length, served.query_max_length, "max_query_length")
+        p_len = check_length(req.max_passage_length, served.passage_max_length, "max_passage_length")
+        query_job = await make_job([p[0] for p in req.pairs], q_len, True, everything, "pairs")
+        passage_job = await make_job([p[1] for p in req.pairs], p_len, True, everything, "pairs")
+        queries, passages = await run(query_job, passage_job)
+        scores = pair_scores(_flag_outputs(queries), _flag_outputs(passages), served.score_batch_size, weights)
+        data = [{"index": i, "scores": _score_dict(scores, i)} for i in range(len(req.pairs))]
+        usage = _usage([query_job, passage_job])
+        return JSONResponse({"object": "list", "model": served.name, "data": data, "usage": usage})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        info = {
+            "hidden_size": served.hidden_size,
+            "max_length": served.max_length,
+            "query_max_length": served.query_max_length,
+            "passage_max_length": served.passage_max_length,
+            "outputs": ["dense", "sparse", "colbert"],
+            **served.metadata,
+        }
+        card = {"id": served.name, "object": "model", "created": created, "owned_by": "m3rt", "m3rt": info}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def is_ready() -> JSONResponse:
+        if ready is not None and not ready():
+            return JSONResponse({"status": "loading"}, 503)
+        return JSONResponse({"status": "ready", "model": served.name})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

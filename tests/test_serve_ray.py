@@ -1,0 +1,350 @@
+"""`m3rt serve` on Ray Serve, on loopback only: a server subprocess under 32 concurrent clients, the
+OpenAI client against it, SIGINT shutdown, and a two-node local Ray cluster answering from both nodes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve")
+psutil = pytest.importorskip("psutil")
+requests = pytest.importorskip("requests")
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, deadline_s: float, alive=lambda: True) -> None:
+    """Poll /ready until it answers 200 (before the app is deployed the proxy answers 404 or nothing)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        assert alive(), "the server exited before it was ready"
+        try:
+            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or a replica still starting
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url}/ready did not answer 200 within {deadline_s} s")
+
+
+def _connections(processes) -> tuple[list, list]:
+    """(listening, established) inet sockets of these processes."""
+    listening, established = [], []
+    for proc in processes:
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening.append((proc.pid, conn.laddr))
+                elif conn.status == psutil.CONN_ESTABLISHED and conn.raddr:
+                    established.append((proc.pid, conn.raddr))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return listening, established
+
+
+def _assert_loopback_only(processes) -> None:
+    listening, established = _connections(processes)
+    assert listening, "no listening sockets found: the check would prove nothing"
+    assert [(pid, a) for pid, a in listening if a.ip not in LOOPBACK] == []
+    assert [(pid, a) for pid, a in established if a.ip not in LOOPBACK] == []
+
+
+def _decode(data: str, shape=None) -> np.ndarray:
+    values = np.frombuffer(base64.b64decode(data), dtype="<f4")
+    return values if shape is None else values.reshape(shape)
+
+
+def _check_item(item: dict, reference: dict, index: int) -> None:
+    np.testing.assert_allclose(_decode(item["dense"]), reference["dense_vecs"][index], atol=1e-5)
+    want = reference["lexical_weights"][index]
+    got = dict(zip(map(str, item["sparse"]["indices"]), item["sparse"]["values"]))
+    assert set(got) == set(want)
+    np.testing.assert_allclose([got[k] for k in want], [float(v) for v in want.values()], atol=1e-5)
+    colbert = item["colbert"]
+    np.testing.assert_allclose(_decode(colbert["data"], colbert["shape"]), reference["colbert_vecs"][index], atol=1e-5)
+
+
+BAD_REQUESTS = [
+    (b'{"input": [', 400),
+    (json.dumps({"input": ["fine", 7]}).encode(), 422),
+    (json.dumps({"input": "a", "model": "not-this-one"}).encode(), 404),
+    (json.dumps({"input": ["ok", "word " * 50], "truncate": False, "max_length": 16}).encode(), 400),
+    (json.dumps({"input": []}).encode(), 400),
+]
+
+
+@contextmanager
+def _serving(artifact, log, *options: str):
+    """`m3rt serve ARTIFACT OPTIONS` as a subprocess on a free loopback port, ready: (process, URL).
+    Stopped with SIGINT unless a test stopped it already."""
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "m3rt.cli", "serve", str(artifact), "--port", str(port), *options]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, 180, alive=lambda: proc.poll() is None)
+        yield proc, url
+    except BaseException:
+        print(log.read_text()[-5000:])
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    """(process, URL, log) of a server with the default limits."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with _serving(tiny[1], log, "--batch-wait-ms", "20") as (proc, url):
+        yield proc, url, log
+
+
+def test_server_under_concurrency(server, tiny_model, texts):
+    """300 requests from 32 threads, every 8th a bad one: each good answer equals in-process encode of
+    its texts, in order; each bad one gets its error; some batches held several requests."""
+    _, url, _ = server
+    pool = [t for t in texts if t.strip()][:40]
+    reference = tiny_model.encode(pool, **ALL)
+    rng = np.random.default_rng(0)
+    plan = []
+    for i in range(300):
+        if i % 8 == 7:
+            plan.append(("bad", BAD_REQUESTS[(i // 8) % len(BAD_REQUESTS)]))
+        else:
+            plan.append(("good", rng.choice(len(pool), size=1 + i % 4, replace=True).tolist()))
+
+    session_per_thread = {}
+
+    def call(entry):
+        kind, what = entry
+        session = session_per_thread.setdefault(threading.get_ident(), requests.Session())
+        if kind == "bad":
+            body, _ = what
+        else:
+            body = json.dumps(
+                {"input": [pool[i] for i in what], "return_colbert": True, "encoding_format": "base64"}
+            ).encode()
+        response = session.post(f"{url}/v1/encode", data=body, headers={"content-type": "application/json"}, timeout=60)
+        return response.status_code, response.json(), response.headers
+
+    with ThreadPoolExecutor(32) as threads:
+        answers = list(threads.map(call, plan))
+
+    for (kind, what), (status, body, headers) in zip(plan, answers):
+        if kind == "bad":
+            assert status == what[1], body
+            assert body["error"]["message"]
+            continue
+        assert status == 200, body
+        assert headers["x-m3rt-node"] and headers["x-m3rt-replica"]
+        assert [item["index"] for item in body["data"]] == list(range(len(what)))
+        for item, index in zip(body["data"], what):
+            _check_item(item, reference, index)
+
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    batches = _metric(metrics, "m3rt_batch_requests_count")
+    single = _metric(metrics, 'm3rt_batch_requests_bucket{le="1.0"}')
+    assert batches > single, f"no batch held more than one request ({batches} batches)"
+    good = sum(kind == "good" for kind, _ in plan)
+    assert _metric(metrics, 'm3rt_requests_total{route="/v1/encode",status="200"}') == good
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_openai_client(server, tiny_model):
+    """The official OpenAI client (which asks for base64 by default) against /v1/embeddings."""
+    openai = pytest.importorskip("openai")
+    _, url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    inputs = ["hello world", "the client decodes base64 itself"]
+    result = client.embeddings.create(model="bge-m3", input=inputs, extra_body={"return_sparse": True})
+    want = tiny_model.encode(inputs, return_dense=True, return_sparse=True)
+    np.testing.assert_allclose([d.embedding for d in result.data], want["dense_vecs"], atol=1e-5)
+    sparse = result.data[1].model_extra["sparse"]
+    assert {str(i) for i in sparse["indices"]} == set(want["lexical_weights"][1])
+    assert result.usage.prompt_tokens > 0
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def test_back_pressure_answers_503(tiny, tiny_model, tmp_path):
+    """More simultaneous requests than the replica takes (--max-ongoing) plus what its proxy queues
+    (--max-queued): the excess gets 503, the rest their right answers."""
+    texts = [f"request text {i} " + "many words in a long text " * 20 for i in range(16)]
+    reference = tiny_model.encode(texts, return_dense=True)["dense_vecs"]
+    clients = 24
+    gate = threading.Barrier(clients)
+    with _serving(tiny[1], tmp_path / "server.log", "--max-ongoing", "2", "--max-queued", "2") as (_, url):
+
+        def call(_):
+            gate.wait()
+            response = requests.post(f"{url}/v1/encode", json={"input": texts, "return_sparse": False}, timeout=120)
+            if response.status_code == 200:
+                got = np.array([item["dense"] for item in response.json()["data"]])
+                np.testing.assert_allclose(got, reference, atol=1e-5)
+            return response.status_code
+
+        with ThreadPoolExecutor(clients) as threads:
+            statuses = list(threads.map(call, range(clients)))
+    assert set(statuses) == {200, 503}, statuses
+
+
+def test_loopback_only_and_clean_sigint_shutdown(server):
+    """Every socket the server's processes listen on or talk to is on 127.0.0.1; SIGINT stops all of them."""
+    proc, url, log = server
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert any("raylet" in " ".join(p.cmdline()) for p in tree), "Ray's processes are not children of the server"
+    requests.post(f"{url}/v1/embeddings", json={"input": "traffic while we look"}, timeout=30)
+    _assert_loopback_only(tree)
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(90) == 0, log.read_text()[-3000:]
+    gone, alive = psutil.wait_procs(tree[1:], timeout=30)
+    assert alive == [], f"left running after shutdown: {[p.pid for p in alive]}"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/health", timeout=2)
+
+
+def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch, tmp_path):
+    """`m3rt serve --address` on a running two-node local cluster (every node on 127.0.0.1), two
+    replicas behind one HTTP proxy: answers come from both nodes and equal in-process encode; on
+    SIGINT the command removes its application and leaves the cluster running."""
+    import ray
+    from ray import serve
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    # The one proxy would send everything to the replica on its own node while that one has room;
+    # the cluster's processes inherit this environment.
+    monkeypatch.setenv("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
+    # What `m3rt serve` does for a local Ray (deployment._keep_ray_on_loopback), undone after the test.
+    monkeypatch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    port = _free_port()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"node_ip_address": "127.0.0.1", "num_cpus": 1, "include_dashboard": False},
+    )
+    server = None
+    log = tmp_path / "server.log"
+    try:
+        cluster.add_node(node_ip_address="127.0.0.1", num_cpus=1)
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
+        command = [
+            sys.executable, "-m", "m3rt.cli", "serve", str(tiny[1]), "--address", cluster.address,
+            "--node-ip-address", "127.0.0.1", "--port", str(port), "--replicas", "2", "--num-cpus", "1",
+        ]  # fmt: skip
+        # Not inherited: the command itself must keep its driver on loopback.
+        env = {k: v for k, v in os.environ.items() if k != ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR}
+        with open(log, "w") as out:
+            server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, 180, alive=lambda: server.poll() is None)
+
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2
+        assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
+        node_ids = {n["NodeID"] for n in nodes}
+
+        texts = [f"text number {i} " + "word " * (i % 7) for i in range(64)]
+        reference = tiny_model.encode(texts, **ALL)
+
+        def call(i):
+            body = {"input": [texts[i]], "return_colbert": True, "encoding_format": "base64"}
+            response = requests.post(f"{url}/v1/encode", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            _check_item(response.json()["data"][0], reference, i)
+            return response.headers["x-m3rt-node"]
+
+        seen: set[str] = set()
+        with ThreadPoolExecutor(8) as threads:
+            for _ in range(5):  # the router picks replicas at random among the least loaded
+                seen |= set(threads.map(call, range(len(texts))))
+                if seen == node_ids:
+                    break
+        assert seen == node_ids
+
+        cards = {requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["m3rt"]["node_id"] for _ in range(20)}
+        assert cards <= node_ids
+        processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        _assert_loopback_only([psutil.Process(), *processes])
+
+        server.send_signal(signal.SIGINT)
+        assert server.wait(90) == 0, log.read_text()[-3000:]
+        assert "m3rt" not in serve.status().applications
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    except BaseException:
+        print(log.read_text()[-5000:] if log.exists() else "")
+        raise
+    finally:
+        if server is not None and server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    _, alive = psutil.wait_procs(leftover, timeout=30)
+    assert alive == []
+
+
+def test_application_builder_takes_serve_config_args():
+    """`serve run m3rt.serve.deployment:build_app key=value` passes strings; they become typed options."""
+    from m3rt.serve.deployment import build_app
+
+    deployment = build_app(
+        {"artifact": "/a", "min_replicas": "1", "max_replicas": "3", "num_cpus": "2"}
+    )._bound_deployment
+    autoscaling = deployment._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
+    assert deployment.ray_actor_options["num_cpus"] == 2
+    assert build_app({"artifact": "/a", "num_replicas": "2"})._bound_deployment.num_replicas == 2
+    with pytest.raises(ValueError, match="both min_replicas and max_replicas"):
+        build_app({"artifact": "/a", "min_replicas": 1})
+    with pytest.raises(ValueError, match="unknown_option"):
+        build_app({"artifact": "/a", "unknown_option": 1})
+
+
+def test_cli_refuses_bad_options_before_starting_ray(tiny, tmp_path, capsys):
+    from m3rt.cli import main
+
+    assert main(["serve", str(tiny[1]), "--min-replicas", "2"]) == 1
+    assert "min_replicas and max_replicas" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path)]) == 1
+    assert "not an m3rt artifact" in capsys.readouterr().err

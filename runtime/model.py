@@ -11,10 +11,11 @@ import numpy as np
 from m3rt.backends import Backend, create_backend
 from m3rt.core import BatchRunner
 from m3rt.errors import InputError
+from m3rt.granularity import GranularityOptions, encode_granular, parse_levels
 from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
-from m3rt.postprocess import OutputCollector
+from m3rt.postprocess import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, OutputCollector
 from m3rt.scheduler import pad_batch, plan_batches, token_lengths
 from m3rt.scoring import colbert_score, combine_scores, lexical_matching_score, lexical_matching_scores
 from m3rt.tokenizer import M3Tokenizer
@@ -169,14 +170,25 @@ class M3Model:
         truncate: bool = True,
         sparse_format: SparseFormat = "dict",
         show_progress: bool | None = None,
+        granularity: str | Sequence[str] | None = None,
+        granularity_options: GranularityOptions | dict[str, Any] | None = None,
         **_flag_embedding_kwargs: Any,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | list[dict[str, Any]]:
         """Encode texts; returns FlagEmbedding's dict (`dense_vecs`, `lexical_weights`, `colbert_vecs`).
 
         A single string returns un-batched values. Texts longer than `max_length` tokens are
         truncated like FlagEmbedding, or raise InputTooLongError with `truncate=False`.
         `sparse_format` "csr" returns a `SparseRows`, "scipy" a `scipy.sparse.csr_matrix`.
+
+        `granularity` (any of "token", "sentence", "passage", "document") returns instead, per text,
+        {level: results with character `offsets`} (see `m3rt.granularity`; `granularity_options`:
+        passage_tokens, passage_overlap, passage_snap, long_document, document_overlap, language).
         """
+        if granularity is not None:
+            return self._encode_granular(
+                sentences, granularity, granularity_options, batch_size, max_length,
+                return_dense, return_sparse, return_colbert_vecs, show_progress,
+            )  # fmt: skip
         texts, single = _as_texts(sentences)
         batch_size = _check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
         max_length = self._check_max_length(self.passage_max_length if max_length is None else max_length)
@@ -213,6 +225,30 @@ class M3Model:
         if want_colbert:
             result["colbert_vecs"] = colbert[0] if single else colbert
         return result
+
+    def _encode_granular(
+        self, sentences, granularity, options, batch_size, max_length, want_dense, want_sparse, want_colbert, progress
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        texts, single = _as_texts(sentences)
+        levels = parse_levels(granularity)
+        batch_size = _check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        max_length = self._check_max_length(self.passage_max_length if max_length is None else max_length)
+        if not isinstance(options, GranularityOptions):
+            options = options or {}
+            if not isinstance(options, dict) or "max_length" in options:
+                raise InputError("granularity_options must be a dict of GranularityOptions fields (not max_length)")
+            try:
+                options = GranularityOptions(max_length=max_length, **options)
+            except TypeError as exc:
+                raise InputError(f"granularity_options: {exc}") from None
+        flags = (
+            (OUTPUT_DENSE, self.return_dense if want_dense is None else want_dense),
+            (OUTPUT_SPARSE, self.return_sparse if want_sparse is None else want_sparse),
+            (OUTPUT_COLBERT, self.return_colbert_vecs if want_colbert is None else want_colbert),
+        )
+        outputs = [name for name, wanted in flags if wanted]
+        results = encode_granular(self, texts, levels, options, outputs, batch_size, progress)
+        return results[0] if single else results
 
     def _run(
         self,

@@ -11,6 +11,7 @@ import numpy as np
 from m3rt.backends import Backend, create_backend
 from m3rt.core import BatchRunner
 from m3rt.errors import InputError
+from m3rt.explain import Explanation, explain
 from m3rt.granularity import GranularityOptions, encode_granular, parse_levels
 from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
@@ -355,6 +356,26 @@ class M3Model:
         if single:
             return {k: float(v[0]) for k, v in scores.items()}
         return {k: v.astype(np.float32).tolist() for k, v in scores.items()}
+
+    def explain(
+        self,
+        query: str,
+        passage: str,
+        *,
+        max_query_length: int | None = None,
+        max_passage_length: int | None = None,
+        weights_for_different_modes: list[float] | None = None,
+    ) -> Explanation:
+        """Why `passage` matched `query`: shared lexical tokens with their weights and products, each
+        query token's best ColBERT match with character spans, and `compute_score`'s scores."""
+        return explain(
+            self,
+            query,
+            passage,
+            max_query_length=max_query_length,
+            max_passage_length=max_passage_length,
+            weights_for_different_modes=weights_for_different_modes,
+        )
 
     # ------------------------------------------------------------------ tokens
 

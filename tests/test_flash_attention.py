@@ -1,0 +1,70 @@
+"""The flash-attention fp32 graph: the same model as model.onnx, checked against PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from test_parity_pytorch import pytorch_encode
+
+from m3rt import M3Model
+from m3rt.export.flash_attention import PatternError, rewrite_attention
+
+from parity import assert_outputs
+
+EVERYTHING = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
+
+
+@pytest.fixture(scope="module")
+def flash_artifact(exported, tmp_path_factory):
+    from m3rt.export.artifact import ExportOptions, export_artifact
+
+    ckpt = exported[0]
+    out = tmp_path_factory.mktemp("flash") / "artifact"
+    export_artifact(ExportOptions(model=str(ckpt), output=out, flash_attention=True))
+    return ckpt, out
+
+
+def test_manifest_lists_a_validated_flash_graph_that_the_cpu_serves(flash_artifact):
+    _, artifact = flash_artifact
+    data = json.loads((artifact / "m3rt.json").read_text())
+    entry = data["graphs"]["fp32-flash"]
+    assert entry["file"] == "model.flash.onnx" and "model.flash.onnx" in data["files"]
+    assert min(h["min_cosine"] for h in entry["validation"]["heads"].values()) >= 0.99999
+    graph = onnx.load(str(artifact / "model.flash.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    layers = data["model"]["num_hidden_layers"]
+    assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
+    model = M3Model.load(artifact)
+    assert model.backend.graph_path.name == "model.flash.onnx"
+    assert M3Model.load(artifact, precision="fp32-flash").backend.graph_path.name == "model.flash.onnx"
+
+
+@pytest.mark.parametrize("batch_size,max_length", [(256, 8192), (3, 64)])
+def test_flash_graph_matches_pytorch_with_padding(flash_artifact, texts, batch_size, max_length):
+    ckpt, artifact = flash_artifact
+    ours = M3Model.load(artifact).encode(texts, batch_size=batch_size, max_length=max_length, **EVERYTHING)
+    assert_outputs(ours, pytorch_encode(ckpt, texts, max_length))
+
+
+def test_flash_graph_equals_the_plain_graph_on_a_long_text(flash_artifact, exported):
+    _, artifact = flash_artifact
+    text = " ".join(f"word{i} and sentence {i % 17}." for i in range(600))
+    flash = M3Model.load(artifact).encode([text, "short"], **EVERYTHING)
+    plain = M3Model.load(exported[1]).encode([text, "short"], **EVERYTHING)
+    assert plain["colbert_vecs"][0].shape[0] > 2000
+    np.testing.assert_allclose(flash["dense_vecs"], plain["dense_vecs"], atol=1e-5)
+    for got, want in zip(flash["colbert_vecs"], plain["colbert_vecs"]):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_graph_without_the_attention_pattern_is_refused():
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    with pytest.raises(PatternError):
+        rewrite_attention(model, 4)

@@ -315,7 +315,7 @@ def encode_granular(
     if outputs and sequences:
         stages = Stages(
             tokenize=lambda chunk, first_index: [sequences[i] for i in chunk],
-            plan=lambda ids: plan_batches(token_lengths(ids), batch_size, model.token_budget),
+            plan=lambda ids: plan_batches(token_lengths(ids), batch_size, model.token_budget, model._memory_rows),
             pad=lambda ids, positions, first_index: pad_batch(ids, positions, model.pad_id, first_index),
             infer=lambda batch: model._runner.run(batch, list(outputs)),
             collect=results.add,

@@ -15,6 +15,7 @@ from m3rt.explain import Explanation, explain
 from m3rt.granularity import GranularityOptions, encode_granular, parse_levels
 from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
+from m3rt.memory import budget_rows
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
 from m3rt.postprocess import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, OutputCollector
 from m3rt.scheduler import pad_batch, plan_batches, token_lengths
@@ -75,6 +76,7 @@ class M3Model:
         return_dense: bool = True,
         return_sparse: bool = False,
         return_colbert_vecs: bool = False,
+        memory_budget: int | str | None = None,
     ) -> None:
         self.manifest = manifest
         self.backend = backend
@@ -90,6 +92,8 @@ class M3Model:
         specials = manifest.special_tokens
         self.pad_id = specials["pad"]
         self.unused_ids = tuple(sorted({specials[k] for k in _UNUSED_SPECIALS if k in specials}))
+        # Rows per batch at a padded length under `memory_budget` (bytes or "6GiB"; None: no limit).
+        self._memory_rows = budget_rows(manifest, backend, memory_budget)
         # Locking, row limits and out-of-memory retries, by what the backend says it can do.
         self._runner = BatchRunner(backend)
 
@@ -268,7 +272,7 @@ class M3Model:
             return collector.finish()
         stages = Stages(
             tokenize=lambda chunk, first_index: self._tokenize(chunk, max_length, truncate, first_index),
-            plan=lambda ids: plan_batches(token_lengths(ids), batch_size, self.token_budget),
+            plan=lambda ids: plan_batches(token_lengths(ids), batch_size, self.token_budget, self._memory_rows),
             pad=lambda ids, positions, first_index: pad_batch(ids, positions, self.pad_id, first_index),
             infer=lambda batch: self._runner.run(batch, outputs),
             collect=collector.add,

@@ -271,8 +271,9 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
 
         if flash is not None:
             from m3rt.export.flash_attention import GRAPH_KEY as FLASH_KEY
+            from m3rt.export.flash_attention import HIDDEN_OUTPUT
 
-            manifest["graphs"][FLASH_KEY] = entry(
+            manifest["graphs"][FLASH_KEY] = flash_entry = entry(
                 flash[0],
                 "fp32",
                 exporter="model.onnx with each attention block as com.microsoft.MultiHeadAttention (flash path)",
@@ -284,6 +285,8 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                     **flash[1],
                 },
             )
+            shape = ["batch", "sequence", hidden]
+            flash_entry["outputs"][HIDDEN_OUTPUT] = {"dtype": "float32", "shape": shape}
 
         if opts.fp16 or opts.int8:
             from m3rt.export import variants

@@ -12,8 +12,9 @@ So the padding mask goes into the dot products instead: each head's query gets o
 softmax weight underflows to exactly 0 in float32, as the exported graph's additive mask does
 (padding positions' own outputs are never read: heads mask them). Values keep their 64 components.
 
-The rewritten graph reads the same weights: at full size it refers to `model.onnx.data` and adds
-no weight file of its own.
+The graph also outputs the encoder's last hidden states (`last_hidden_state`), which the document
+level's MCLS strategy pools (`m3rt.long_document`). The rewritten graph reads the same weights: at
+full size it refers to `model.onnx.data` and adds no weight file of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 FILE_NAME = "model.flash.onnx"
+# The encoder's last hidden states [batch, sequence, hidden], before any head: what MCLS pools.
+HIDDEN_OUTPUT = "last_hidden_state"
 GRAPH_KEY = "fp32-flash"
 MS_DOMAIN = "com.microsoft"
 # Added to a padding key's scaled score: exp(-10000 + s - max) is 0 in float32 for any real score.
@@ -154,6 +157,21 @@ def rewrite_attention(model: onnx.ModelProto, num_heads: int) -> int:
     return count
 
 
+def expose_hidden_states(model: onnx.ModelProto) -> None:
+    """Add the encoder's output (the last LayerNormalization, whose token 0 the dense head takes) as
+    graph output `last_hidden_state`; computing it costs nothing more, and it is copied out only when
+    asked for."""
+    graph = model.graph
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    if not norms:
+        raise PatternError("no LayerNormalization: not the exported encoder")
+    last = norms[-1].output[0]
+    if not any(n.op_type == "Gather" and n.input[0] == last for n in graph.node):
+        raise PatternError(f"{last} is not read by the dense head's Gather")
+    graph.node.append(helper.make_node("Identity", [last], [HIDDEN_OUTPUT], name="expose_last_hidden_state"))
+    graph.output.append(helper.make_tensor_value_info(HIDDEN_OUTPUT, TensorProto.FLOAT, ["batch", "sequence", None]))
+
+
 def _remove_unused(graph: onnx.GraphProto) -> None:
     """Drop nodes and initializers nothing reads any more (the replaced attention ops)."""
     needed = {o.name for o in graph.output}
@@ -195,6 +213,7 @@ def write_flash_graph(source: Path, target: Path, num_heads: int) -> list[Path]:
         raise ValueError("the flash graph must sit beside the graph whose weight file it shares")
     model = onnx.load(str(source), load_external_data=False)
     rewrite_attention(model, num_heads)
+    expose_hidden_states(model)
     external = sorted(
         {entry.value for init in model.graph.initializer for entry in init.external_data if entry.key == "location"}
     )

@@ -30,7 +30,16 @@ import numpy as np
 
 from m3rt.errors import InputError
 from m3rt.kernels import aggregate_sparse
-from m3rt.long_document import LONG_DOCUMENT_STRATEGIES, pool_windows, stitch_windows
+from m3rt.long_document import (
+    HIDDEN_OUTPUT,
+    LONG_DOCUMENT_STRATEGIES,
+    Window,
+    mcls_capacity,
+    mcls_sequence,
+    plain_positions,
+    pool_windows,
+    stitch_windows,
+)
 from m3rt.postprocess import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, colbert_rows, dense_rows
 from m3rt.sentences import split_sentences
 
@@ -116,6 +125,13 @@ class _Piece:
     start: int  # character span in the text
     end: int
     tokens: tuple[int, int] | None = None  # token range of the text's tokenisation, when cut from it
+    positions: np.ndarray | None = None  # where each of those tokens sits in the sequence (MCLS)
+    cls_positions: np.ndarray | None = None  # MCLS: the `<s>` positions whose hidden states are pooled
+
+    def window(self) -> Window:
+        lo, hi = self.tokens
+        positions = plain_positions(hi - lo) if self.positions is None else self.positions
+        return Window(lo, hi, self.sequence, positions, self.cls_positions)
 
 
 @dataclass
@@ -196,8 +212,15 @@ def plan_texts(
             return _window_pieces(sequences, ids, offsets, content, overlap, ends, snap, cls_id, eos_id)
 
         if "document" in levels or "token" in levels:
-            if n <= doc_content or options.long_document == "windows":
-                snap = options.max_length // 16
+            snap = options.max_length // 16
+            if options.long_document == "mcls":
+                plan.document = []
+                for lo, hi in token_windows(n, mcls_capacity(options.max_length), options.document_overlap, ends, snap):
+                    seq_ids, positions, cls_positions = mcls_sequence(ids[lo:hi], cls_id, eos_id)
+                    plan.document.append(
+                        _Piece(sequences.add(seq_ids), *_span(offsets, lo, hi), (lo, hi), positions, cls_positions)
+                    )
+            elif n <= doc_content or options.long_document == "windows":
                 plan.document = window_pieces(doc_content, options.document_overlap, snap)
             else:  # "truncate": FlagEmbedding's behaviour
                 plan.document = [
@@ -227,8 +250,17 @@ def plan_texts(
 class SequenceResults:
     """Raw per-sequence outputs, filled batch by batch (in any order)."""
 
-    def __init__(self, count: int, outputs: Sequence[str], special_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        count: int,
+        outputs: Sequence[str],
+        special_ids: Sequence[int],
+        cls_positions: dict[int, np.ndarray] | None = None,
+    ) -> None:
         self.outputs = tuple(outputs)
+        # MCLS: sequence -> `<s>` positions whose last hidden states are kept ([k, hidden] each).
+        self.cls_positions = cls_positions or {}
+        self.cls_hidden: list[np.ndarray | None] = [None] * count
         self.special_ids = tuple(special_ids)
         self.dense: list[np.ndarray | None] = [None] * count
         self.token_weights: list[np.ndarray | None] = [None] * count  # sparse weight per position
@@ -252,6 +284,12 @@ class SequenceResults:
         if OUTPUT_COLBERT in self.outputs:
             for row, vecs in zip(rows, colbert_rows(values[OUTPUT_COLBERT], batch)):
                 self.colbert[row] = np.asarray(vecs)
+        if HIDDEN_OUTPUT in values:
+            hidden = values[HIDDEN_OUTPUT]
+            hidden = hidden.to_host() if hasattr(hidden, "to_host") else np.asarray(hidden)
+            for k, row in enumerate(rows):
+                if row in self.cls_positions:
+                    self.cls_hidden[row] = np.array(hidden[k, self.cls_positions[row]], dtype=np.float32)
 
 
 def _piece_results(pieces: list[_Piece], results: SequenceResults, hidden: int) -> dict[str, Any]:
@@ -278,14 +316,14 @@ def assemble(
             if level in plan.levels:
                 entry[level] = _piece_results(plan.levels[level], results, hidden)
         if plan.document and ("document" in levels or "token" in levels):
-            windows = [(p.tokens, p.sequence) for p in plan.document]
+            windows = [p.window() for p in plan.document]
             if "document" in levels:
                 doc = pool_windows(windows, results, len(plan.ids))
                 covered = plan.document[-1].tokens[1]
                 end = len(text) if covered == len(plan.ids) else int(plan.offsets[covered - 1, 1])
                 doc["offsets"] = np.array([[0, end]], dtype=np.int64)
-                doc["window_offsets"] = np.array([_span(plan.offsets, *t) for t, _ in windows], dtype=np.int64)
-                doc["window_token_ranges"] = np.array([t for t, _ in windows], dtype=np.int64)
+                doc["window_offsets"] = np.array([_span(plan.offsets, w.lo, w.hi) for w in windows], dtype=np.int64)
+                doc["window_token_ranges"] = np.array([(w.lo, w.hi) for w in windows], dtype=np.int64)
                 entry["document"] = doc
             if "token" in levels:
                 covered = plan.document[-1].tokens[1]
@@ -294,6 +332,21 @@ def assemble(
                 entry["token"] = token
         assembled.append({level: entry[level] for level in levels})
     return assembled
+
+
+def _check_hidden_output(model: Any) -> None:
+    """MCLS reads the encoder's last hidden states: only graphs that output them can serve it."""
+    served = getattr(model.backend, "graph_path", None)
+    for name in model.manifest.graph_names:
+        entry = model.manifest.data["graphs"][name]
+        if served is not None and model.manifest.graph_path(name) == served:
+            if HIDDEN_OUTPUT in entry.get("outputs", {}):
+                return
+            break
+    raise InputError(
+        "long_document='mcls' needs the encoder's last hidden states, which the served graph does not output; "
+        "export with m3-export --flash-attention (ONNX Runtime CPU), or use long_document='windows'"
+    )
 
 
 def encode_granular(
@@ -311,13 +364,22 @@ def encode_granular(
 
     specials = model.manifest.special_tokens
     plans, sequences = plan_texts(texts, levels, model.tokenizer, options, specials["cls"], specials["eos"])
-    results = SequenceResults(len(sequences), outputs, model.unused_ids)
+    cls_positions = {}
+    if OUTPUT_DENSE in outputs and "document" in levels:
+        cls_positions = {
+            p.sequence: p.cls_positions for plan in plans for p in plan.document if p.cls_positions is not None
+        }
+    run_outputs = list(outputs)
+    if cls_positions:
+        _check_hidden_output(model)
+        run_outputs.append(HIDDEN_OUTPUT)
+    results = SequenceResults(len(sequences), outputs, model.unused_ids, cls_positions)
     if outputs and sequences:
         stages = Stages(
             tokenize=lambda chunk, first_index: [sequences[i] for i in chunk],
             plan=lambda ids: plan_batches(token_lengths(ids), batch_size, model.token_budget, model._memory_rows),
             pad=lambda ids, positions, first_index: pad_batch(ids, positions, model.pad_id, first_index),
-            infer=lambda batch: model._runner.run(batch, list(outputs)),
+            infer=lambda batch: model._runner.run(batch, run_outputs),
             collect=results.add,
         )
         with TokenProgress(show_progress) as progress:

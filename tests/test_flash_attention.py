@@ -9,7 +9,7 @@ import onnx
 import pytest
 from test_parity_pytorch import pytorch_encode
 
-from m3rt import M3Model
+from m3rt import InputError, M3Model
 from m3rt.export.flash_attention import PatternError, rewrite_attention
 
 from parity import assert_outputs
@@ -68,3 +68,56 @@ def test_a_graph_without_the_attention_pattern_is_refused():
     model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
     with pytest.raises(PatternError):
         rewrite_attention(model, 4)
+
+
+def test_mcls_capacity():
+    from m3rt.long_document import mcls_capacity
+
+    assert mcls_capacity(8192) == 8159  # 8159 tokens + 32 inserted <s> + </s>
+    for length in (3, 10, 257, 258, 259, 512, 1000, 8192):
+        n = mcls_capacity(length)
+        assert n + -(-n // 256) + 1 <= length < (n + 1) + -(-(n + 1) // 256) + 1
+
+
+def test_mcls_under_256_tokens_is_plain_cls_pooling(flash_artifact):
+    _, artifact = flash_artifact
+    model = M3Model.load(artifact)
+    text = "A short document about the Amazon river and its many tributaries."
+    doc = model.encode(text, granularity="document", granularity_options={"long_document": "mcls"}, **EVERYTHING)
+    plain = model.encode(text, **EVERYTHING)
+    np.testing.assert_allclose(doc["document"]["dense_vecs"][0], plain["dense_vecs"], atol=1e-6)
+    assert doc["document"]["lexical_weights"][0] == plain["lexical_weights"]
+    np.testing.assert_array_equal(doc["document"]["colbert_vecs"][0], plain["colbert_vecs"])
+
+
+def test_mcls_pools_the_hidden_states_of_a_cls_every_256_tokens(flash_artifact):
+    import torch
+    from transformers import AutoModel
+
+    ckpt, artifact = flash_artifact
+    model = M3Model.load(artifact)
+    text = " ".join(f"token{i} sits in sentence {i % 13}." for i in range(150))
+    result = model.encode(text, granularity=["document", "token"], granularity_options={"long_document": "mcls"})
+    content = result["token"]["token_ids"].tolist()
+    assert 512 < len(content) < 8000
+    # The paper's layout, written out: <s> before every 256 tokens, </s> at the end.
+    ids, cls_at = [], []
+    for start in range(0, len(content), 256):
+        cls_at.append(len(ids))
+        ids += [0, *content[start : start + 256]]
+    ids.append(2)
+    encoder = AutoModel.from_pretrained(ckpt).float().eval()
+    with torch.no_grad():
+        hidden = encoder(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    mean = hidden.last_hidden_state[0, cls_at].mean(dim=0).numpy()
+    want = mean / np.linalg.norm(mean)
+    got = result["document"]["dense_vecs"][0]
+    assert float(got @ want) >= 0.99999
+    plain = model.encode(text)["dense_vecs"]
+    assert float(plain @ want) < 0.9999  # MCLS is not the first <s> alone
+
+
+def test_mcls_needs_a_graph_with_hidden_states(tiny):
+    model = M3Model.load(tiny[1])
+    with pytest.raises(InputError, match="flash-attention"):
+        model.encode("text", granularity="document", granularity_options={"long_document": "mcls"})

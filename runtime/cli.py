@@ -28,7 +28,9 @@ def _encode(args: argparse.Namespace) -> int:
         from m3rt.explain_view import granular_json, print_granular
 
         everything = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
-        results = model.encode(args.texts, max_length=args.max_length, granularity=args.granularity, **everything)
+        options = {"long_document": args.long_document}
+        levels = dict(granularity=args.granularity, granularity_options=options)
+        results = model.encode(args.texts, max_length=args.max_length, **levels, **everything)
         print(granular_json(args.texts, results)) if args.json else print_granular(args.texts, results)
         return 0
     out = model.encode(
@@ -172,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     levels = ("token", "sentence", "passage", "document")
     enc.add_argument("--granularity", nargs="+", choices=levels, help="pieces per level, with character offsets")
     enc.add_argument("--json", action="store_true", help="with --granularity: every output as JSON")
+    enc.add_argument(
+        "--long-document", choices=("windows", "mcls", "truncate"), default="windows", help="beyond --max-length"
+    )
     enc.set_defaults(func=_encode)
     exp = sub.add_parser("explain", help="why a passage matched a query: shared tokens, ColBERT matches, scores")
     exp.add_argument("artifact", type=Path)

@@ -18,10 +18,10 @@ EVERYTHING = dict(return_dense=True, return_sparse=True, return_colbert_vecs=Tru
 
 
 @pytest.fixture(scope="module")
-def flash_artifact(exported, tmp_path_factory):
+def flash_artifact(tiny, tmp_path_factory):
     from m3rt.export.artifact import ExportOptions, export_artifact
 
-    ckpt = exported[0]
+    ckpt = tiny[0]
     out = tmp_path_factory.mktemp("flash") / "artifact"
     export_artifact(ExportOptions(model=str(ckpt), output=out, flash_attention=True))
     return ckpt, out
@@ -49,11 +49,11 @@ def test_flash_graph_matches_pytorch_with_padding(flash_artifact, texts, batch_s
     assert_outputs(ours, pytorch_encode(ckpt, texts, max_length))
 
 
-def test_flash_graph_equals_the_plain_graph_on_a_long_text(flash_artifact, exported):
+def test_flash_graph_equals_the_plain_graph_on_a_long_text(flash_artifact, tiny):
     _, artifact = flash_artifact
     text = " ".join(f"word{i} and sentence {i % 17}." for i in range(600))
     flash = M3Model.load(artifact).encode([text, "short"], **EVERYTHING)
-    plain = M3Model.load(exported[1]).encode([text, "short"], **EVERYTHING)
+    plain = M3Model.load(tiny[1]).encode([text, "short"], **EVERYTHING)
     assert plain["colbert_vecs"][0].shape[0] > 2000
     np.testing.assert_allclose(flash["dense_vecs"], plain["dense_vecs"], atol=1e-5)
     for got, want in zip(flash["colbert_vecs"], plain["colbert_vecs"]):

@@ -121,3 +121,15 @@ def test_mcls_needs_a_graph_with_hidden_states(tiny):
     model = M3Model.load(tiny[1])
     with pytest.raises(InputError, match="flash-attention"):
         model.encode("text", granularity="document", granularity_options={"long_document": "mcls"})
+
+
+def test_a_memory_budget_counts_score_matrices_only_on_the_plain_graph(flash_artifact, tiny):
+    _, artifact = flash_artifact
+    # Tiny model, 8192 tokens: two [4, 8192, 8192] float32 score tensors are 2 GiB on the plain graph.
+    flash = M3Model.load(artifact, memory_budget="1GiB")
+    plain = M3Model.load(tiny[1], memory_budget="1GiB")
+    assert flash._memory_rows(8192) >= 1
+    with pytest.raises(InputError, match="flash-attention"):
+        plain._memory_rows(8192)
+    with pytest.raises(InputError, match="memory budget"):
+        plain.encode("word " * 9000)

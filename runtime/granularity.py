@@ -204,7 +204,10 @@ def plan_texts(
     for text, (ids, offsets) in zip(texts, tokenized):
         plan = _TextPlan(ids, offsets)
         n = len(ids)
-        sentences = split_sentences(text, options.language) if need_sentences else []
+        # Document windows snap to sentence ends too: a long document's windows must not depend on
+        # which other levels were asked for.
+        long = ("document" in levels or "token" in levels) and n > mcls_capacity(options.max_length)
+        sentences = split_sentences(text, options.language) if need_sentences or long else []
         # Token index at which each sentence ends: the first token starting at or after its end.
         ends = np.searchsorted(offsets[:, 0], [end for _, end in sentences]) if len(sentences) else None
 

@@ -224,3 +224,15 @@ def test_bad_granularity_arguments_are_input_errors(model, kwargs):
 )
 def test_multilingual_sentences(text, sentences):
     assert [text[a:b] for a, b in split_sentences(text)] == sentences
+
+
+def test_document_windows_do_not_depend_on_other_levels(model):
+    text = " ".join([TEXT] * 4)
+    kwargs = dict(max_length=64, **EVERYTHING)
+    alone = model.encode(text, granularity="document", **kwargs)["document"]
+    together = model.encode(text, granularity=["document", "sentence", "passage"], **kwargs)["document"]
+    assert alone["window_token_ranges"].tolist() == together["window_token_ranges"].tolist()
+    np.testing.assert_array_equal(alone["dense_vecs"], together["dense_vecs"])
+    # ... and they do end at sentence ends where one is near.
+    ends = {end for _, end in split_sentences(text)}
+    assert any(end in ends for _, end in alone["window_offsets"][:-1].tolist())

@@ -133,3 +133,13 @@ def test_a_memory_budget_counts_score_matrices_only_on_the_plain_graph(flash_art
         plain._memory_rows(8192)
     with pytest.raises(InputError, match="memory budget"):
         plain.encode("word " * 9000)
+
+
+def test_long_document_benchmark_runs(flash_artifact, tmp_path, capsys):
+    from m3rt.benchmarks.long_document import main
+
+    _, artifact = flash_artifact
+    assert main(["flash", str(artifact), "--tokens", "64", "--mcls", "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["graph"] == "model.flash.onnx" and report["tokens"] == 64 and report["mcls_seconds"] > 0
+    assert np.load(tmp_path / "flash_colbert.npy").shape[0] == 63

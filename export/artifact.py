@@ -55,6 +55,9 @@ class ExportOptions:
     # The fused fp16 graph's fidelity on ONNX Runtime CPU: two full-model CPU passes over the held-out
     # samples. A GPU host that measures it on the GPU anyway (benchmarks/gpu_check.py) skips them.
     fused_cpu_fidelity: bool = True
+    # model.flash.onnx: the fp32 graph with ONNX Runtime's CPU flash attention (export/flash_attention.py);
+    # long texts in bounded memory. It shares model.onnx's weight file.
+    flash_attention: bool = False
 
 
 # cpu: model.int8.onnx (int8 weights, VNNI/AMX CPUs); cpu-u8: model.int8.u8.onnx (its uint8-weight
@@ -173,7 +176,7 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     timings: dict[str, float] = {}
-    steps = tqdm(total=5 + opts.fp16 + opts.int8 + opts.fused, desc="m3-export", unit="step")
+    steps = tqdm(total=5 + opts.fp16 + opts.int8 + opts.fused + opts.flash_attention, desc="m3-export", unit="step")
 
     def step(name: str) -> float:
         steps.set_postfix_str(name)
@@ -214,6 +217,22 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
                 fused = build_fused_fp16(reference, staging, specials["pad"], opts.tolerance)
                 timings["fused_fp16_s"] = time.perf_counter() - t
                 steps.update()
+            flash = None
+            if opts.flash_attention:
+                from m3rt.export.flash_attention import FILE_NAME as FLASH_FILE
+                from m3rt.export.flash_attention import write_flash_graph
+
+                t = step("flash attention")
+                flash_files = write_flash_graph(
+                    staging / "model.onnx", staging / FLASH_FILE, int(config.num_attention_heads)
+                )
+                flash_figures = compare_with_reference(
+                    reference, staging / FLASH_FILE, staging / "tokenizer.json", sample_texts(), specials["pad"]
+                )
+                check_tolerance(flash_figures, opts.tolerance, f"{FLASH_FILE} (fp32, flash attention)")
+                flash = (flash_files, flash_figures)
+                timings["flash_attention_s"] = time.perf_counter() - t
+                steps.update()
             del reference  # frees the PyTorch weights before the variants load theirs
 
         hidden = int(config.hidden_size)
@@ -249,6 +268,25 @@ def export_artifact(opts: ExportOptions) -> dict[str, Any]:
             },
             "output_names": list(OUTPUT_NAMES),
         }
+
+        if flash is not None:
+            from m3rt.export.flash_attention import GRAPH_KEY as FLASH_KEY
+            from m3rt.export.flash_attention import HIDDEN_OUTPUT
+
+            manifest["graphs"][FLASH_KEY] = flash_entry = entry(
+                flash[0],
+                "fp32",
+                exporter="model.onnx with each attention block as com.microsoft.MultiHeadAttention (flash path)",
+                backends=["onnxruntime-cpu"],
+                execution_provider="CPUExecutionProvider",
+                validation={
+                    "against": "PyTorch reference (fp32, eager attention)",
+                    "tolerance": vars(opts.tolerance),
+                    **flash[1],
+                },
+            )
+            shape = ["batch", "sequence", hidden]
+            flash_entry["outputs"][HIDDEN_OUTPUT] = {"dtype": "float32", "shape": shape}
 
         if opts.fp16 or opts.int8:
             from m3rt.export import variants

@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         "for ONNX Runtime CUDA (M3Model.load(..., precision='fp16', device='cuda') picks it)",
     )
     precision.add_argument(
+        "--flash-attention",
+        action="store_true",
+        help="also write model.flash.onnx: the fp32 graph with ONNX Runtime's CPU flash attention (long texts "
+        "in bounded memory; shares model.onnx's weights); the CPU serves it for precision='fp32'",
+    )
+    precision.add_argument(
         "--int8",
         action="store_true",
         help="also write model.int8.onnx (ONNX Runtime CPU) and model.int8.qdq.onnx (TensorRT)",
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_degraded=args.allow_degraded,
         engine=args.engine,
         fused=args.fused,
+        flash_attention=args.flash_attention,
         gates={
             "fp16": Gate(dense_cos_min=args.gate_fp16_dense),
             "int8": Gate(

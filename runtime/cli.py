@@ -1,7 +1,8 @@
 """`m3rt`: one command with a verb per job.
 
 - `export`: checkpoint -> artifact (the same as `m3-export`);
-- `encode`: texts -> the three outputs, summarised;
+- `encode`: texts -> the three outputs, summarised (`--granularity`: per token, sentence, passage, document);
+- `explain`: why a passage matched a query, highlighted in the terminal or as JSON;
 - `inspect`: an artifact's manifest, verified; which int8 graph this CPU serves;
 - `compare`: one precision of an artifact against another on the held-out samples (the gates' metrics);
 - `bench`: latency, throughput, fidelity and memory of every backend (the same as `m3-bench`);
@@ -25,6 +26,15 @@ def _encode(args: argparse.Namespace) -> int:
     from m3rt.model import M3Model
 
     model = M3Model.load(args.artifact, verify=not args.no_verify)
+    if args.granularity:
+        from m3rt.explain_view import granular_json, print_granular
+
+        everything = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
+        options = {"long_document": args.long_document}
+        levels = dict(granularity=args.granularity, granularity_options=options)
+        results = model.encode(args.texts, max_length=args.max_length, **levels, **everything)
+        print(granular_json(args.texts, results)) if args.json else print_granular(args.texts, results)
+        return 0
     out = model.encode(
         args.texts, max_length=args.max_length, return_dense=True, return_sparse=True, return_colbert_vecs=True
     )
@@ -36,6 +46,16 @@ def _encode(args: argparse.Namespace) -> int:
         print(f"  dense   norm {float(np.linalg.norm(dense)):.6f}  dim {dense.shape[0]}")
         print(f"  sparse  {len(lexical)} tokens; top {len(top)}: {tokens}")
         print(f"  colbert shape {tuple(colbert.shape)}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from m3rt.explain_view import explanation_json, print_explanation
+    from m3rt.model import M3Model
+
+    model = M3Model.load(args.artifact, verify=not args.no_verify)
+    explanation = model.explain(args.query, args.passage)
+    print(explanation_json(explanation)) if args.json else print_explanation(explanation, top=args.top)
     return 0
 
 
@@ -153,7 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-length", type=int, default=8192)
     enc.add_argument("--top", type=int, default=8, help="how many top sparse tokens to show")
     enc.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact")
+    levels = ("token", "sentence", "passage", "document")
+    enc.add_argument("--granularity", nargs="+", choices=levels, help="pieces per level, with character offsets")
+    enc.add_argument("--json", action="store_true", help="with --granularity: every output as JSON")
+    enc.add_argument(
+        "--long-document", choices=("windows", "mcls", "truncate"), default="windows", help="beyond --max-length"
+    )
     enc.set_defaults(func=_encode)
+    exp = sub.add_parser("explain", help="why a passage matched a query: shared tokens, ColBERT matches, scores")
+    exp.add_argument("artifact", type=Path)
+    exp.add_argument("query")
+    exp.add_argument("passage")
+    exp.add_argument("--json", action="store_true")
+    exp.add_argument("--top", type=int, default=10, help="how many lexical matches to show")
+    exp.add_argument("--no-verify", action="store_true")
+    exp.set_defaults(func=_explain)
     ins = sub.add_parser("inspect", help="show and verify an artifact's manifest")
     ins.add_argument("artifact", type=Path)
     ins.add_argument("--json", action="store_true")

@@ -11,10 +11,13 @@ import numpy as np
 from m3rt.backends import Backend, create_backend
 from m3rt.core import BatchRunner
 from m3rt.errors import InputError
+from m3rt.explain import Explanation, explain
+from m3rt.granularity import GranularityOptions, encode_granular, parse_levels
 from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
+from m3rt.memory import budget_rows
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
-from m3rt.postprocess import OutputCollector, PostProcessor
+from m3rt.postprocess import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, OutputCollector, PostProcessor
 from m3rt.scheduler import pad_batch, plan_batches, token_lengths
 from m3rt.scoring import colbert_score, lexical_matching_scores, pair_scores
 from m3rt.tokenizer import M3Tokenizer
@@ -79,6 +82,7 @@ class M3Model:
         return_sparse: bool = False,
         return_colbert_vecs: bool = False,
         postprocessor: PostProcessor | None = None,
+        memory_budget: int | str | None = None,
     ) -> None:
         self.manifest = manifest
         self.backend = backend
@@ -96,6 +100,8 @@ class M3Model:
         self.unused_ids = _unused_ids(manifest)
         # The three heads, on the host or on the GPU where a backend leaves its outputs.
         self.postprocessor = postprocessor or PostProcessor(self.unused_ids)
+        # Rows per batch at a padded length under `memory_budget` (bytes or "6GiB"; None: no limit).
+        self._memory_rows = budget_rows(manifest, backend, memory_budget)
         # Locking, row limits and out-of-memory retries, by what the backend says it can do.
         self._runner = BatchRunner(backend)
         if self._runner.capabilities.output_device is not None:
@@ -192,14 +198,25 @@ class M3Model:
         truncate: bool = True,
         sparse_format: SparseFormat = "dict",
         show_progress: bool | None = None,
+        granularity: str | Sequence[str] | None = None,
+        granularity_options: GranularityOptions | dict[str, Any] | None = None,
         **_flag_embedding_kwargs: Any,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | list[dict[str, Any]]:
         """Encode texts; returns FlagEmbedding's dict (`dense_vecs`, `lexical_weights`, `colbert_vecs`).
 
         A single string returns un-batched values. Texts longer than `max_length` tokens are
         truncated like FlagEmbedding, or raise InputTooLongError with `truncate=False`.
         `sparse_format` "csr" returns a `SparseRows`, "scipy" a `scipy.sparse.csr_matrix`.
+
+        `granularity` (any of "token", "sentence", "passage", "document") returns instead, per text,
+        {level: results with character `offsets`} (see `m3rt.granularity`; `granularity_options`:
+        passage_tokens, passage_overlap, passage_snap, long_document, document_overlap, language).
         """
+        if granularity is not None:
+            return self._encode_granular(
+                sentences, granularity, granularity_options, batch_size, max_length,
+                return_dense, return_sparse, return_colbert_vecs, show_progress,
+            )  # fmt: skip
         texts, single = _as_texts(sentences)
         batch_size = _check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
         max_length = self._check_max_length(self.passage_max_length if max_length is None else max_length)
@@ -237,6 +254,30 @@ class M3Model:
             result["colbert_vecs"] = colbert[0] if single else colbert
         return result
 
+    def _encode_granular(
+        self, sentences, granularity, options, batch_size, max_length, want_dense, want_sparse, want_colbert, progress
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        texts, single = _as_texts(sentences)
+        levels = parse_levels(granularity)
+        batch_size = _check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        max_length = self._check_max_length(self.passage_max_length if max_length is None else max_length)
+        if not isinstance(options, GranularityOptions):
+            options = options or {}
+            if not isinstance(options, dict) or "max_length" in options:
+                raise InputError("granularity_options must be a dict of GranularityOptions fields (not max_length)")
+            try:
+                options = GranularityOptions(max_length=max_length, **options)
+            except TypeError as exc:
+                raise InputError(f"granularity_options: {exc}") from None
+        flags = (
+            (OUTPUT_DENSE, self.return_dense if want_dense is None else want_dense),
+            (OUTPUT_SPARSE, self.return_sparse if want_sparse is None else want_sparse),
+            (OUTPUT_COLBERT, self.return_colbert_vecs if want_colbert is None else want_colbert),
+        )
+        outputs = [name for name, wanted in flags if wanted]
+        results = encode_granular(self, texts, levels, options, outputs, batch_size, progress)
+        return results[0] if single else results
+
     def _run(
         self,
         texts: list[str],
@@ -254,7 +295,7 @@ class M3Model:
             return collector.finish()
         stages = Stages(
             tokenize=lambda chunk, first_index: self._tokenize(chunk, max_length, truncate, first_index),
-            plan=lambda ids: plan_batches(token_lengths(ids), batch_size, self.token_budget),
+            plan=lambda ids: plan_batches(token_lengths(ids), batch_size, self.token_budget, self._memory_rows),
             pad=lambda ids, positions, first_index: pad_batch(ids, positions, self.pad_id, first_index),
             infer=lambda batch: self._runner.run(batch, outputs),
             collect=collector.add,
@@ -323,6 +364,26 @@ class M3Model:
         if single:
             return {k: float(v[0]) for k, v in scores.items()}
         return {k: v.astype(np.float32).tolist() for k, v in scores.items()}
+
+    def explain(
+        self,
+        query: str,
+        passage: str,
+        *,
+        max_query_length: int | None = None,
+        max_passage_length: int | None = None,
+        weights_for_different_modes: list[float] | None = None,
+    ) -> Explanation:
+        """Why `passage` matched `query`: shared lexical tokens with their weights and products, each
+        query token's best ColBERT match with character spans, and `compute_score`'s scores."""
+        return explain(
+            self,
+            query,
+            passage,
+            max_query_length=max_query_length,
+            max_passage_length=max_passage_length,
+            weights_for_different_modes=weights_for_different_modes,
+        )
 
     # ------------------------------------------------------------------ tokens
 

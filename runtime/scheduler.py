@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +22,14 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def plan_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> list[np.ndarray]:
+def plan_batches(
+    lengths: np.ndarray, batch_size: int, token_budget: int, max_rows: Callable[[int], int] | None = None
+) -> list[np.ndarray]:
     """Group text indices into batches, sorted by length descending.
 
     A batch holds at most `batch_size` texts and at most `token_budget` padded tokens
-    (rows x longest row); a text longer than the budget runs alone.
+    (rows x longest row); a text longer than the budget runs alone. `max_rows(longest)`, when given,
+    caps the rows further (a memory budget: `m3rt.memory`).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(-lengths, kind="stable")
@@ -34,6 +38,8 @@ def plan_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> lis
     while start < len(order):
         longest = int(lengths[order[start]])
         rows = max(1, min(batch_size, token_budget // max(longest, 1)))
+        if max_rows is not None:
+            rows = max(1, min(rows, max_rows(longest)))
         batches.append(order[start : start + rows])
         start += rows
     return batches

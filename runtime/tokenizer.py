@@ -74,6 +74,27 @@ class M3Tokenizer:
                     )
         return Encoded(ids=[np.asarray(enc.ids, dtype=np.int64) for enc in encodings])
 
+    def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each text's token ids without `<s>`/`</s>` and untruncated, with their character spans
+        `[n, 2]` into the text (leading whitespace that a `▁` token absorbs excluded). Thread-safe."""
+        texts = list(texts)
+        with self._lock:
+            self._tok.no_truncation()
+            self._max_length = None
+            try:
+                encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+            except TypeError:
+                _raise_for_unencodable(texts, 0)
+                raise
+        results = []
+        for text, enc in zip(texts, encodings):
+            spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            for row in spans:
+                while row[0] < row[1] and text[row[0]].isspace():
+                    row[0] += 1
+            results.append((np.asarray(enc.ids, dtype=np.int64), spans))
+        return results
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 

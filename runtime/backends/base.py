@@ -85,6 +85,9 @@ def select_graph(manifest: Manifest, precision: str, device: str) -> str:
     name = precision
     if device == "cuda" and precision == "fp16" and manifest.has_graph("fp16-fused"):
         name = "fp16-fused"
+    # The same fp32 model with ONNX Runtime's CPU flash attention: scores never held whole (long texts).
+    if device == "cpu" and precision == "fp32" and manifest.has_graph("fp32-flash"):
+        name = "fp32-flash"
     if device == "cpu" and precision == "int8" and not manifest.has_graph(name) and manifest.has_graph("int8-u8"):
         name = "int8-u8"
     graph = manifest.graph(name)

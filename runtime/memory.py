@@ -1,0 +1,93 @@
+"""What a padded batch costs in activation memory, so that batches can be kept under a budget.
+
+An encoder pass holds, per layer, a few [rows, length, hidden] tensors (hidden states, Q, K, V, the
+attention output, the 4 x hidden feed-forward activations) and, in the plain exported graph, the
+attention scores [rows, heads, length, length] in float32: two such tensors are alive at once (the
+scaled/masked scores and their softmax). The flash-attention graph (`model.flash.onnx`) never holds
+them. Weights are not counted: they are loaded once, whatever the batches.
+
+The constants are fitted to ONNX Runtime CPU fp32 peak RSS on the full-size model (benchmarks/
+RESULTS.md, "Long documents"); they are estimates, rounded up, for keeping batches apart, not an
+allocator's exact account.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from m3rt.errors import InputError
+
+# float32 values alive per token per hidden unit, the largest layer's working set plus the outputs.
+PER_TOKEN_HIDDEN_FLOATS = 24
+# float32 [rows, heads, length, length] score tensors alive at once in the plain graph.
+SCORE_COPIES = 2
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20}
+_UNITS.update({"g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40})
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Bytes from an int or a string such as "6GiB", "512 MB", "2.5g" (binary units throughout)."""
+    if isinstance(value, bool):
+        raise InputError(f"memory_budget must be bytes or a size like '6GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise InputError(f"memory_budget must be bytes or a size like '6GiB', got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    result = int(number * _UNITS[unit])
+    if result <= 0:
+        raise InputError(f"memory_budget must be positive, got {value!r}")
+    return result
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    hidden_size: int
+    num_heads: int
+    quadratic_attention: bool  # False for the flash-attention graph
+
+    def batch_bytes(self, rows: int, length: int) -> int:
+        """Estimated peak activation bytes of one batch of `rows` texts padded to `length` tokens."""
+        linear = rows * length * PER_TOKEN_HIDDEN_FLOATS * self.hidden_size * 4
+        scores = SCORE_COPIES * rows * self.num_heads * length * length * 4 if self.quadratic_attention else 0
+        return linear + scores
+
+    def max_rows(self, length: int, budget: int) -> int:
+        """The most rows of `length` tokens within `budget` bytes (0 when not even one fits)."""
+        one = self.batch_bytes(1, length)
+        return int(budget // one)
+
+
+def memory_rows(model: MemoryModel, budget: int) -> Callable[[int], int]:
+    """`plan_batches`' `max_rows`: rows per batch at a padded length, or InputError when one text alone
+    exceeds the budget (it cannot be split: a shorter max_length or the flash-attention graph helps)."""
+
+    def rows(length: int) -> int:
+        fitting = model.max_rows(length, budget)
+        if fitting < 1:
+            need = model.batch_bytes(1, length) / 2**30
+            hint = "" if not model.quadratic_attention else ", or export with --flash-attention"
+            raise InputError(
+                f"a text of {length} tokens needs about {need:.1f} GiB of activations, over the memory budget of "
+                f"{budget / 2**30:.1f} GiB; raise memory_budget, lower max_length{hint}"
+            )
+        return fitting
+
+    return rows
+
+
+def budget_rows(manifest: Any, backend: Any, budget: int | str | None) -> Callable[[int], int] | None:
+    """`memory_rows` for the graph `backend` serves, or None without a budget."""
+    if budget is None:
+        return None
+    # Only the flash-attention graph never holds a layer's attention scores whole.
+    served = getattr(backend, "graph_path", None)
+    flash = manifest.has_graph("fp32-flash") and served == manifest.graph_path("fp32-flash")
+    heads = int(manifest.data["model"].get("num_attention_heads", manifest.hidden_size // 64))
+    return memory_rows(MemoryModel(manifest.hidden_size, heads, not flash), parse_bytes(budget))

@@ -59,8 +59,11 @@ class GranularityOptions:
     document_overlap: int | None = None
     language: str | None = None
 
-    def resolved(self) -> GranularityOptions:
-        """A copy with every default filled in, checked."""
+    def resolved(self, levels: Sequence[str] = LEVELS) -> GranularityOptions:
+        """A copy with every default filled in, checked (the passage fields only when `levels` has
+        passages: a document or its tokens alone may have a max_length too short for any passage)."""
+        if self.language is not None and not isinstance(self.language, str):
+            raise InputError(f"language must be an ISO 639-1 code such as 'de', got {self.language!r}")
         if self.long_document not in LONG_DOCUMENT_STRATEGIES:
             raise InputError(
                 f"long_document must be one of {', '.join(LONG_DOCUMENT_STRATEGIES)}, got {self.long_document!r}"
@@ -70,21 +73,29 @@ class GranularityOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
                 raise InputError(f"{name} must be an int >= 0, got {value!r}")
         passage = min(512, self.max_length) if self.passage_tokens is None else int(self.passage_tokens)
-        if not 3 <= passage <= self.max_length:
-            raise InputError(f"passage_tokens must be in 3..{self.max_length} (max_length), got {passage}")
         overlap = passage // 8 if self.passage_overlap is None else int(self.passage_overlap)
-        if overlap >= passage - 2:
-            raise InputError(f"passage_overlap ({overlap}) must be < passage_tokens - 2")
         snap = passage // 8 if self.passage_snap is None else int(self.passage_snap)
+        if "passage" in levels:
+            if not 3 <= passage <= self.max_length:
+                raise InputError(f"passage_tokens must be in 3..{self.max_length} (max_length), got {passage}")
+            if overlap >= passage - 2:
+                raise InputError(f"passage_overlap ({overlap}) must be < passage_tokens - 2")
         doc_overlap = min(256, self.max_length // 8) if self.document_overlap is None else int(self.document_overlap)
-        if doc_overlap >= self.max_length - 2:
-            raise InputError(f"document_overlap ({doc_overlap}) must be < max_length - 2")
+        # Windows advance by content - overlap tokens: more than half the window would multiply them.
+        content = mcls_capacity(self.max_length) if self.long_document == "mcls" else self.max_length - 2
+        if doc_overlap > content // 2:
+            raise InputError(
+                f"document_overlap ({doc_overlap}) must be at most half a {self.long_document!r} window: "
+                f"{content // 2} tokens"
+            )
         return replace(
             self, passage_tokens=passage, passage_overlap=overlap, passage_snap=snap, document_overlap=doc_overlap
         )
 
 
 def parse_levels(granularity: str | Sequence[str]) -> tuple[str, ...]:
+    if not isinstance(granularity, (str, list, tuple)) or not all(isinstance(g, str) for g in granularity):
+        raise InputError(f"granularity must be a level or a list of levels ({', '.join(LEVELS)}), got {granularity!r}")
     levels = (granularity,) if isinstance(granularity, str) else tuple(granularity)
     if not levels:
         raise InputError(f"granularity is empty; choose from {', '.join(LEVELS)}")
@@ -194,7 +205,7 @@ def plan_texts(
     eos_id: int,
 ) -> tuple[list[_TextPlan], list[np.ndarray]]:
     """Pieces of every requested level of every text, and the unique token sequences they need."""
-    options = options.resolved()
+    options = options.resolved(levels)
     sequences = _Sequences()
     plans = []
     tokenized = tokenizer.encode_with_offsets(texts)

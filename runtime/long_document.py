@@ -93,7 +93,8 @@ def stitch_windows(windows: Sequence[Window], results: Any, covered: int) -> dic
         out["sparse_weights"] = np.concatenate(parts).astype(np.float32)[:covered]
     if results.colbert[windows[0].sequence] is not None:
         parts = [results.colbert[w.sequence][pos - 1] for w, pos in picks]  # ColBERT row p-1 is position p
-        out["colbert_vecs"] = np.concatenate(parts).astype(np.float32).reshape(-1, parts[0].shape[-1])[:covered]
+        # In the dtype the post-processor gave them (float16 with colbert_fp16), as for one window.
+        out["colbert_vecs"] = np.concatenate(parts).reshape(-1, parts[0].shape[-1])[:covered]
     return out
 
 

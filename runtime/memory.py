@@ -13,6 +13,7 @@ allocator's exact account.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ def parse_bytes(value: int | float | str) -> int:
         if not match or match.group(2).lower() not in _UNITS:
             raise InputError(f"memory_budget must be bytes or a size like '6GiB', got {value!r}")
         number, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(number):
+        raise InputError(f"memory_budget must be a finite size, got {value!r}")
     result = int(number * _UNITS[unit])
     if result <= 0:
         raise InputError(f"memory_budget must be positive, got {value!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from m3rt.explain import Explanation, explain
 from m3rt.granularity import GranularityOptions, encode_granular, parse_levels
 from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
-from m3rt.memory import budget_rows
+from m3rt.memory import budget_rows, parse_bytes
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
 from m3rt.postprocess import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, OutputCollector, PostProcessor
 from m3rt.scheduler import pad_batch, plan_batches, token_lengths
@@ -139,6 +140,8 @@ class M3Model:
         the device kernels.
         """
         manifest = load_manifest(path, verify=verify)
+        if options.get("memory_budget") is not None:
+            parse_bytes(options["memory_budget"])  # refused before the backend holds memory
         engine = create_backend(
             backend,
             manifest,
@@ -260,8 +263,16 @@ class M3Model:
         texts, single = _as_texts(sentences)
         levels = parse_levels(granularity)
         batch_size = _check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        max_length_given = max_length
         max_length = self._check_max_length(self.passage_max_length if max_length is None else max_length)
-        if not isinstance(options, GranularityOptions):
+        if isinstance(options, GranularityOptions):
+            options_length = self._check_max_length(options.max_length)
+            if max_length_given is not None and options_length != max_length:
+                raise InputError(
+                    f"granularity_options.max_length ({options_length}) differs from max_length ({max_length})"
+                )
+            options = replace(options, max_length=options_length)
+        else:
             options = options or {}
             if not isinstance(options, dict) or "max_length" in options:
                 raise InputError("granularity_options must be a dict of GranularityOptions fields (not max_length)")

@@ -22,6 +22,8 @@ import re
 import unicodedata
 from collections import Counter
 
+from m3rt.errors import InputError
+
 _SCRIPT_LANGUAGE = {
     "GREEK": "el",
     "CYRILLIC": "ru",
@@ -35,6 +37,11 @@ _SCRIPT_LANGUAGE = {
 }
 # Scripts written without spaces between words, where a space separates sentences or clauses.
 _SPACE_SEPARATED_SENTENCE_SCRIPTS = "\u0e00-\u0e7f\u0e80-\u0eff"  # Thai, Lao
+# Whitespace outside ASCII (no-break, thin, ideographic spaces...): sentencex 1.0.32 panics on some of
+# them before a full stop ("Plan B\u00a0. Then"). Each becomes one ASCII space, so offsets are unchanged.
+_NON_ASCII_SPACE = re.compile(r"[^\S\x00-\x7f]")
+# Where sentencex cannot split a text: terminal punctuation of the scripts above, then whitespace.
+_FALLBACK_END = re.compile(r"[.!?;。！？؟۔।॥]+[\"')\]»”’]*(?=\s)|\n\s*\n")
 _SPACE_BOUNDARY = re.compile(rf"(?<=[{_SPACE_SEPARATED_SENTENCE_SCRIPTS}])\s+(?=[{_SPACE_SEPARATED_SENTENCE_SCRIPTS}])")
 
 
@@ -60,7 +67,18 @@ def _sentencex_spans(text: str, language: str) -> list[tuple[int, int]]:
         from sentencex import get_sentence_boundaries
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("sentence granularity needs sentencex: pip install 'm3rt[granularity]'") from exc
-    return [(int(b["start_index"]), int(b["end_index"])) for b in get_sentence_boundaries(language, text)]
+    try:
+        bounds = get_sentence_boundaries(language, _NON_ASCII_SPACE.sub(" ", text))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # noqa: BLE001 - a Rust panic arrives as pyo3's PanicException, a BaseException
+        return _fallback_spans(text)
+    return [(int(b["start_index"]), int(b["end_index"])) for b in bounds]
+
+
+def _fallback_spans(text: str) -> list[tuple[int, int]]:
+    cuts = [m.end() for m in _FALLBACK_END.finditer(text)]
+    return [(lo, hi) for lo, hi in zip([0, *cuts], [*cuts, len(text)]) if hi > lo]
 
 
 def _strip(text: str, start: int, end: int) -> tuple[int, int]:
@@ -74,6 +92,8 @@ def _strip(text: str, start: int, end: int) -> tuple[int, int]:
 def split_sentences(text: str, language: str | None = None) -> list[tuple[int, int]]:
     """Character spans `(start, end)` of the sentences of `text`, in order, without surrounding
     whitespace; `text[start:end]` is the sentence. Whitespace-only text has no sentences."""
+    if language is not None and not isinstance(language, str):
+        raise InputError(f"language must be an ISO 639-1 code such as 'de', got {language!r}")
     if not text or text.isspace():
         return []
     spans: list[tuple[int, int]] = []

@@ -201,6 +201,12 @@ def test_every_text_gets_one_result_in_order(model):
         {"granularity": "document", "granularity_options": {"long_document": "summarise"}},
         {"granularity": "document", "granularity_options": {"max_length": 10}},
         {"granularity": "document", "granularity_options": {"windows": 3}},
+        {"granularity": 5},
+        {"granularity": ["sentence", 5]},
+        {"granularity": "sentence", "granularity_options": {"language": 5}},
+        {"granularity": "document", "granularity_options": {"long_document": "mcls", "document_overlap": 8170}},
+        {"granularity": "document", "granularity_options": GranularityOptions(max_length=100_000)},
+        {"granularity": "document", "max_length": 64, "granularity_options": GranularityOptions(max_length=32)},
     ],
 )
 def test_bad_granularity_arguments_are_input_errors(model, kwargs):
@@ -236,3 +242,37 @@ def test_document_windows_do_not_depend_on_other_levels(model):
     # ... and they do end at sentence ends where one is near.
     ends = {end for _, end in split_sentences(text)}
     assert any(end in ends for _, end in alone["window_offsets"][:-1].tolist())
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u2009", "\u3000"])
+def test_sentences_around_non_ascii_spaces(model, space):
+    # sentencex 1.0.32 panics (a BaseException from Rust) on "B\u00a0." and the like.
+    text = f"Plan B{space}. Then it rained. Le chapitre A{space}. Suite"
+    spans = split_sentences(text)
+    assert spans and all(text[a:b].strip() == text[a:b] and b > a for a, b in spans)
+    # Every character but whitespace lies in exactly one sentence, in order.
+    assert "".join("".join(text[a:b].split()) for a, b in spans) == "".join(text.split())
+    assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))
+    out = model.encode(text, granularity="sentence", return_dense=True)
+    assert len(out["sentence"]["offsets"]) == len(spans)
+
+
+def test_documents_need_no_room_for_passages(model):
+    # max_length 2 fits no passage, but a document (and compute_score) takes it.
+    out = model.encode(["hello", "world"], granularity="document", max_length=2, return_dense=True)
+    assert [len(o["document"]["dense_vecs"]) for o in out] == [1, 1]
+
+
+def test_a_memory_budget_must_be_finite(exported):
+    for budget in (float("inf"), float("nan"), "-1GiB"):
+        with pytest.raises(InputError):
+            M3Model.load(exported[1], memory_budget=budget)
+
+
+def test_colbert_fp16_has_one_dtype_whatever_the_window_count(exported):
+    model = M3Model.load(exported[1], colbert_fp16=True)
+    text = " ".join([TEXT] * 4)
+    for max_length in (512, 32):  # one window, then several
+        doc = model.encode(text, granularity=["document", "token"], max_length=max_length, return_colbert_vecs=True)
+        assert doc["document"]["colbert_vecs"][0].dtype == np.float16, max_length
+        assert doc["token"]["colbert_vecs"].dtype == np.float16, max_length

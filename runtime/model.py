@@ -16,7 +16,7 @@ from m3rt.explain import Explanation, explain
 from m3rt.granularity import GranularityOptions, encode_granular, parse_levels
 from m3rt.kernels import SparseRows
 from m3rt.manifest import Manifest, load_manifest
-from m3rt.memory import budget_rows, parse_bytes
+from m3rt.memory import budget_rows
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
 from m3rt.postprocess import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, OutputCollector, PostProcessor
 from m3rt.scheduler import pad_batch, plan_batches, token_lengths
@@ -140,8 +140,6 @@ class M3Model:
         the device kernels.
         """
         manifest = load_manifest(path, verify=verify)
-        if options.get("memory_budget") is not None:
-            parse_bytes(options["memory_budget"])  # refused before the backend holds memory
         engine = create_backend(
             backend,
             manifest,
@@ -152,7 +150,14 @@ class M3Model:
             backend_options=backend_options,
         )
         post = PostProcessor(_unused_ids(manifest), colbert_fp16=colbert_fp16, device_postprocess=device_postprocess)
-        return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), postprocessor=post, **options)
+        try:
+            return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), postprocessor=post, **options)
+        except BaseException:
+            # A bad option (batch_size, memory_budget, ...) must not leave the backend's streams and memory behind.
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+            raise
 
     @property
     def notes(self) -> list[str]:

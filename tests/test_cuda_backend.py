@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from m3rt import ArtifactError, BackendError, BackendOutOfMemory, M3Model
+from m3rt import ArtifactError, BackendError, BackendOutOfMemory, M3Error, M3Model
 from m3rt.backends.base import parse_device, select_graph
 from m3rt.backends.onnxruntime import OnnxRuntimeBackend, backend_error
 from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend, cuda_unavailable_reason
@@ -621,3 +621,20 @@ def test_capture_gate_keeps_cuda_work_and_captures_apart():
     capturer.join(timeout=5)
     late.join(timeout=5)
     assert events == ["capture starts", "capture ends", "late work"]
+
+
+def test_a_bad_option_at_load_releases_the_backend(fused, monkeypatch):
+    import m3rt.backends.onnxruntime_cuda as ort_backends
+
+    devices = []
+
+    def host_backend(graph, **kwargs):
+        devices.append(HostDevice())
+        return OnnxRuntimeCudaBackend(graph, device=devices[-1], cuda_graph=False, pad_id=kwargs["pad_id"])
+
+    monkeypatch.setattr(ort_backends, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(ort_backends, "OnnxRuntimeCudaBackend", host_backend)
+    for bad in (dict(batch_size=0), dict(memory_budget="lots")):
+        with pytest.raises(M3Error):
+            M3Model.load(fused, precision="fp16", device="cuda", **bad)
+        assert devices[-1].closed

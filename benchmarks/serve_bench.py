@@ -154,14 +154,21 @@ def _measure(args: argparse.Namespace, requests: list[list[str]]) -> tuple[dict,
                 model.encode(everything, **outputs)
                 wall = time.perf_counter() - started
                 one_call.append({"seconds": wall, "texts_per_s": len(everything) / wall})
-                server.append(_drive(call, requests, args.clients))
+                before = http.get(f"{url}/metrics", timeout=10).text
+                row = _drive(call, requests, args.clients)
+                row.update(_batching(before, http.get(f"{url}/metrics", timeout=10).text))
+                server.append(row)
         finally:
             model.close()
-        metrics = http.get(f"{url}/metrics", timeout=10).text
-    best = _best(server)
-    best["batches"] = _metric(metrics, "m3rt_batch_requests_count")
-    best["requests_per_batch"] = _metric(metrics, "m3rt_batch_requests_sum") / max(best["batches"], 1)
-    return _best(clients), _best(one_call), best
+    return _best(clients), _best(one_call), _best(server)
+
+
+def _batching(before: str, after: str) -> dict[str, float]:
+    """Batches and requests per batch between two /metrics scrapes: the counters are cumulative
+    (warm-up and earlier rounds included), and a row's figures must be those of its own round."""
+    batches = _metric(after, "m3rt_batch_requests_count") - _metric(before, "m3rt_batch_requests_count")
+    requests = _metric(after, "m3rt_batch_requests_sum") - _metric(before, "m3rt_batch_requests_sum")
+    return {"batches": batches, "requests_per_batch": requests / max(batches, 1)}
 
 
 def _metric(text: str, name: str) -> float:

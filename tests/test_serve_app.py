@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -165,6 +168,21 @@ BAD = [
     ("triple", "/v1/score", {"pairs": [["a", "b", "c"]]}, 422, "invalid_type"),
     ("two weights", "/v1/rerank", {"query": "q", "documents": ["d"], "weights": [1, 1]}, 422, "invalid_type"),
     ("zero weights", "/v1/rerank", {"query": "q", "documents": ["d"], "weights": [0, 0, 0]}, 400, "invalid_value"),
+    *[
+        (f"{name} weights ({route})", route, body.replace(b"WEIGHTS", weights), 400, "invalid_value")
+        for route, body in [
+            ("/v1/rerank", b'{"query": "q", "documents": ["d"], "weights": WEIGHTS}'),
+            ("/v1/score", b'{"pairs": [["q", "d"]], "weights": WEIGHTS}'),
+        ]
+        for name, weights in [
+            ("NaN", b"[NaN, 1, 1]"),
+            ("infinite", b"[1, -Infinity, 1]"),
+            ("overflowing", b"[1e400, 1, 1]"),
+            ("overflowing sum", b"[1e308, 1e308, 0]"),
+            ("huge integer", b"[1, 1, 1" + b"0" * 400 + b"]"),
+            ("float32-overflowing", b"[1e39, 1, 1]"),
+        ]
+    ],
     ("unknown model", "/v1/embeddings", {"input": "a", "model": "text-embedding-3-small"}, 404, "model_not_found"),
     (
         "too long",
@@ -296,3 +314,73 @@ def test_coalescer_merges_the_batches_that_wait_for_the_model():
     assert runs == [["a"], ["b", "c", "d"], ["e", "boom"]]
     assert results[:3] == [["result of a"], ["result of b", "result of c"], ["result of d"]]
     assert all(isinstance(r, RuntimeError) for r in results[3:])
+
+
+def test_short_requests_wait_for_the_tokenizer_off_the_event_loop(tiny_model):
+    """While the tokenizer is busy elsewhere (its lock is shared with the model's own tokenisation),
+    a short request waiting for it leaves /health and every other route answering."""
+    import httpx
+
+    entered, free = threading.Event(), threading.Event()
+
+    class BusyTokenizer:
+        def encode(self, *args, **kwargs):
+            entered.set()
+            free.wait(10)
+            return tiny_model.tokenizer.encode(*args, **kwargs)
+
+    served = dataclasses.replace(ServedModel.of(tiny_model, "bge-m3"), tokenizer=BusyTokenizer())
+
+    async def scenario():
+        app = create_app(served, LocalEncoder(tiny_model))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            started = time.perf_counter()
+            waiting = asyncio.create_task(http.post("/v1/embeddings", json={"input": "short"}))
+            await asyncio.to_thread(entered.wait, 10)
+            health = await http.get("/health")
+            health_after = time.perf_counter() - started
+            free.set()
+            return health, health_after, await waiting
+
+    health, health_after, waited = asyncio.run(scenario())
+    assert health.status_code == 200 and waited.status_code == 200
+    assert health_after < 5, f"/health waited {health_after:.1f} s for the tokenizer"
+
+
+def test_chunked_body_over_the_limit_is_refused_before_it_is_read_whole(tiny_model):
+    """A body without content-length (chunked upload) gets 413 once the limit is passed, not after
+    the whole of it has been read into memory."""
+    import httpx
+
+    chunk, chunks = b" " * 1024, 1000
+    sent = 0
+
+    async def body():
+        nonlocal sent
+        yield b'{"input": "'
+        for _ in range(chunks):
+            sent += 1
+            yield chunk
+        yield b'"}'
+
+    async def scenario():
+        app = create_app(ServedModel.of(tiny_model, "bge-m3"), LocalEncoder(tiny_model), limits=Limits(4096))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await http.post("/v1/embeddings", content=body(), headers={"content-type": "application/json"})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert sent <= 8, f"{sent} of {chunks} chunks read before the 413"
+
+
+def test_bench_batch_figures_are_those_of_one_round():
+    from m3rt.benchmarks.serve_bench import _batching
+
+    def scrape(count, total):
+        return f"m3rt_batch_requests_count {count}\nm3rt_batch_requests_sum {total}\n"
+
+    # Warm-up and an earlier round put 50 batches of 100 requests on the counters before this round.
+    assert _batching(scrape(50.0, 100.0), scrape(60.0, 140.0)) == {"batches": 10.0, "requests_per_batch": 4.0}

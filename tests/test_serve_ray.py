@@ -221,20 +221,22 @@ def test_back_pressure_answers_503(tiny, tiny_model, tmp_path):
     assert set(statuses) == {200, 503}, statuses
 
 
-def test_loopback_only_and_clean_sigint_shutdown(server):
-    """Every socket the server's processes listen on or talk to is on 127.0.0.1; SIGINT stops all of them."""
-    proc, url, log = server
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    assert any("raylet" in " ".join(p.cmdline()) for p in tree), "Ray's processes are not children of the server"
-    requests.post(f"{url}/v1/embeddings", json={"input": "traffic while we look"}, timeout=30)
-    _assert_loopback_only(tree)
+def test_loopback_only_and_clean_sigint_shutdown(tiny, tmp_path):
+    """Every socket the server's processes listen on or talk to is on 127.0.0.1; SIGINT stops all of them.
+    A server of its own: stopping the module's would break whichever test used it next."""
+    log = tmp_path / "server.log"
+    with _serving(tiny[1], log) as (proc, url):
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert any("raylet" in " ".join(p.cmdline()) for p in tree), "Ray's processes are not children of the server"
+        requests.post(f"{url}/v1/embeddings", json={"input": "traffic while we look"}, timeout=30)
+        _assert_loopback_only(tree)
 
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(90) == 0, log.read_text()[-3000:]
-    gone, alive = psutil.wait_procs(tree[1:], timeout=30)
-    assert alive == [], f"left running after shutdown: {[p.pid for p in alive]}"
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"{url}/health", timeout=2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0, log.read_text()[-3000:]
+        gone, alive = psutil.wait_procs(tree[1:], timeout=30)
+        assert alive == [], f"left running after shutdown: {[p.pid for p in alive]}"
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/health", timeout=2)
 
 
 def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch, tmp_path):

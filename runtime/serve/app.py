@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,8 +42,6 @@ RequestModel = TypeVar("RequestModel", bound=BaseModel)
 ROUTES = ("/v1/embeddings", "/v1/encode", "/v1/rerank", "/v1/score", "/v1/models", "/health", "/ready", "/metrics")
 # Routes that queue work: the ones counted against `Limits.max_pending`.
 _WORK_ROUTES = frozenset(ROUTES[:4])
-# Shorter requests are tokenised on the event loop (well under a millisecond); longer ones in a thread.
-_INLINE_TOKENIZE_CHARS = 4096
 
 
 class Encoder(Protocol):
@@ -99,8 +98,18 @@ class ApiError(Exception):
         return JSONResponse(error_body(self.message, kind, self.code, self.param), self.status, headers=headers)
 
 
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+def _validation_error(exc: ValidationError) -> ApiError:
     errors = exc.errors(include_url=False)
+    not_finite = [e for e in errors if e["type"] == "finite_number"]
+    if not_finite:
+        # A number of the right type with an unusable value: the same answer as weights whose sum overflows.
+        message, param = _validation_message(not_finite)
+        return ApiError(400, message, "invalid_value", param)
+    message, param = _validation_message(errors)
+    return ApiError(422, message, "invalid_type", param)
+
+
+def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     parts = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors[:5]]
     param = ".".join(map(str, errors[0]["loc"])) if errors and errors[0]["loc"] else None
     return "; ".join(parts), param
@@ -200,12 +209,20 @@ def create_app(
     app.add_middleware(_Accounting, limits=limits, metrics=metrics, headers=extra_headers)
 
     async def parse(request: Request, kind: type[RequestModel]) -> RequestModel:
+        too_large = ApiError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
-        body = await request.body()
-        if len(body) > limits.max_body_bytes:
-            raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
+            raise too_large
+        # Counted as it arrives: a chunked upload declares no length, and reading it whole first
+        # would hold any amount in memory before the limit applied.
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -213,8 +230,7 @@ def create_app(
         try:
             parsed = kind.model_validate(data)
         except ValidationError as exc:
-            message, param = _validation_message(exc)
-            raise ApiError(422, message, "invalid_type", param) from None
+            raise _validation_error(exc) from None
         model = getattr(parsed, "model", None)
         if model is not None and model not in (served.name, *served.aliases):
             raise ApiError(
@@ -235,10 +251,9 @@ def create_app(
             message = f"{param} has {len(texts)} entries; at most {limits.max_inputs} per request"
             raise ApiError(413, message, "too_many_inputs", param)
         try:
-            if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
-                ids = served.tokenizer.encode(texts, max_length, truncate).ids
-            else:
-                ids = (await asyncio.to_thread(served.tokenizer.encode, texts, max_length, truncate)).ids
+            # Always in a thread, however short the texts: the tokenizer's lock is shared with the
+            # model's own tokenisation, and waiting for it on the event loop would stall every route.
+            ids = (await asyncio.to_thread(served.tokenizer.encode, texts, max_length, truncate)).ids
         except InputTooLongError as exc:
             raise ApiError(400, f"{param}: {exc}", "context_length_exceeded", param) from None
         except InputError as exc:
@@ -301,10 +316,35 @@ def create_app(
         return JSONResponse({"object": "list", "data": data, "model": served.name, "usage": _usage([job])})
 
     def check_weights(weights: list[float] | None) -> list[float] | None:
-        if weights is not None and (sum(weights) == 0 or weights[0] + weights[1] == 0):
+        if weights is None:
+            return None
+        message = "weights [dense, sparse, colbert]: each, their sum and dense + sparse must be finite"
+        not_finite = ApiError(400, message, "invalid_value", "weights")
+        try:
+            values = [float(w) for w in weights]
+        except OverflowError:  # an integer past float's range
+            raise not_finite from None
+        total, dense_sparse = sum(values), values[0] + values[1]
+        if not all(map(math.isfinite, (*values, total, dense_sparse))):
+            raise not_finite
+        if total == 0 or dense_sparse == 0:
             message = "weights [dense, sparse, colbert]: neither the sum nor dense + sparse may be 0"
             raise ApiError(400, message, "invalid_value", "weights")
-        return weights
+        return values
+
+    def weighted_scores(
+        queries: EncodedTexts, passages: EncodedTexts, repeat: int | None, weights: list[float] | None
+    ) -> dict[str, np.ndarray]:
+        # Scores are float32: finite weights can still overflow them (past ~3.4e38) or divide by a near-0
+        # sum; that is answered below rather than warned about.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            scores = pair_scores(
+                _flag_outputs(queries, repeat=repeat), _flag_outputs(passages), served.score_batch_size, weights
+            )
+        if weights is not None and not all(np.isfinite(values).all() for values in scores.values()):
+            message = "weights [dense, sparse, colbert] give scores out of float32's range; scale them down"
+            raise ApiError(400, message, "invalid_value", "weights")
+        return scores
 
     everything = {"dense", "sparse", "colbert"}
 
@@ -318,9 +358,7 @@ def create_app(
         query_job = await make_job([req.query], q_len, True, everything, "query")
         docs_job = await make_job(documents, p_len, True, everything, "documents")
         query, docs = await run(query_job, docs_job)
-        scores = pair_scores(
-            _flag_outputs(query, repeat=len(documents)), _flag_outputs(docs), served.score_batch_size, weights
-        )
+        scores = weighted_scores(query, docs, len(documents), weights)
         combined = scores["colbert+sparse+dense"]
         order = sorted(range(len(documents)), key=lambda i: (-combined[i], i))[: req.top_n]
         results = []
@@ -345,7 +383,7 @@ def create_app(
         query_job = await make_job([p[0] for p in req.pairs], q_len, True, everything, "pairs")
         passage_job = await make_job([p[1] for p in req.pairs], p_len, True, everything, "pairs")
         queries, passages = await run(query_job, passage_job)
-        scores = pair_scores(_flag_outputs(queries), _flag_outputs(passages), served.score_batch_size, weights)
+        scores = weighted_scores(queries, passages, None, weights)
         data = [{"index": i, "scores": _score_dict(scores, i)} for i in range(len(req.pairs))]
         usage = _usage([query_job, passage_job])
         return JSONResponse({"object": "list", "model": served.name, "data": data, "usage": usage})

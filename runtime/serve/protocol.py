@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 Format = Literal["float", "base64"]
 SparseFormat = Literal["indices_values", "dict"]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-Weight = StrictFloat | StrictInt
+# NaN and infinities parse from JSON (Python's json module takes them) but no score can use them.
+Weight = Annotated[StrictFloat, Field(allow_inf_nan=False)] | StrictInt
 
 
 class _Request(BaseModel):

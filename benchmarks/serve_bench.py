@@ -13,10 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,61 +68,34 @@ def _best(rows: list[dict[str, float]]) -> dict[str, float]:
     return max(rows, key=lambda row: row["texts_per_s"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def _server(args: argparse.Namespace) -> Iterator[tuple[Callable[[list[str]], None], str]]:
     """A `m3rt serve` subprocess, ready: (a thread-safe client call, its URL). Stopped with SIGINT."""
     import requests as http
 
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "m3rt.cli", "serve", str(args.artifact), "--port", str(port), "--no-verify",
-        "--precision", args.precision, "--num-cpus", str(os.cpu_count() or 1),
+    from m3rt.serve.process import serving
+
+    options = [
+        "--no-verify", "--precision", args.precision, "--num-cpus", str(os.cpu_count() or 1),
         "--batch-wait-ms", str(args.batch_wait_ms), "--max-ongoing", str(max(64, 2 * args.clients)),
     ]  # fmt: skip
     if args.threads:
-        command += ["--threads", str(args.threads)]
+        options += ["--threads", str(args.threads)]
     if args.no_access_log:
-        command.append("--no-access-log")
-    log = open(args.out / "server.log", "w")  # noqa: SIM115 - closed with the process
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+        options.append("--no-access-log")
     local = threading.local()
     body = {"return_dense": True, "return_sparse": True, "return_colbert": args.colbert, "encoding_format": "base64"}
+    with serving(args.artifact, args.out / "server.log", options, ready_s=300) as (_, url):
 
-    def call(texts: list[str]) -> None:
-        session = getattr(local, "session", None) or http.Session()
-        local.session = session
-        response = session.post(f"{url}/v1/encode", json={"input": texts, **body}, timeout=600)
-        if response.status_code != 200:
-            raise RuntimeError(f"server answered {response.status_code}: {response.text[:300]}")
-        response.json()
+        def call(texts: list[str]) -> None:
+            session = getattr(local, "session", None) or http.Session()
+            local.session = session
+            response = session.post(f"{url}/v1/encode", json={"input": texts, **body}, timeout=600)
+            if response.status_code != 200:
+                raise RuntimeError(f"server answered {response.status_code}: {response.text[:300]}")
+            response.json()
 
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become ready; see {args.out / 'server.log'}")
-            try:
-                if http.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except http.RequestException:
-                pass
-            time.sleep(0.5)
         yield call, url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _measure(args: argparse.Namespace, requests: list[list[str]]) -> tuple[dict, dict, dict]:

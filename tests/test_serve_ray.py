@@ -7,11 +7,9 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -22,28 +20,10 @@ pytest.importorskip("ray.serve")
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
 
+from m3rt.serve.process import free_port, serving, wait_ready  # noqa: E402
+
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(url: str, deadline_s: float, alive=lambda: True) -> None:
-    """Poll /ready until it answers 200 (before the app is deployed the proxy answers 404 or nothing)."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        assert alive(), "the server exited before it was ready"
-        try:
-            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:  # not listening yet, or a replica still starting
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url}/ready did not answer 200 within {deadline_s} s")
 
 
 def _connections(processes) -> tuple[list, list]:
@@ -94,28 +74,13 @@ BAD_REQUESTS = [
 
 @contextmanager
 def _serving(artifact, log, *options: str):
-    """`m3rt serve ARTIFACT OPTIONS` as a subprocess on a free loopback port, ready: (process, URL).
-    Stopped with SIGINT unless a test stopped it already."""
-    port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "m3rt.cli", "serve", str(artifact), "--port", str(port), *options]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """`serving` with the server's log printed when the test fails."""
     try:
-        _wait_ready(url, 180, alive=lambda: proc.poll() is None)
-        yield proc, url
+        with serving(artifact, log, options) as (proc, url):
+            yield proc, url
     except BaseException:
         print(log.read_text()[-5000:])
         raise
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +219,7 @@ def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch,
     # What `m3rt serve` does for a local Ray (deployment._keep_ray_on_loopback), undone after the test.
     monkeypatch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-    port = _free_port()
+    port = free_port()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     cluster = Cluster(
         initialize_head=True,
@@ -274,7 +239,7 @@ def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch,
         with open(log, "w") as out:
             server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, 180, alive=lambda: server.poll() is None)
+        wait_ready(url, 180, alive=lambda: server.poll() is None)
 
         nodes = [n for n in ray.nodes() if n["Alive"]]
         assert len(nodes) == 2

@@ -39,7 +39,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # pyproject.toml's package-dir mapping: installed name -> folder of this checkout.
-PACKAGE_DIRS = {"export": "export", "kernels": "kernels", "benchmarks": "benchmarks"}
+PACKAGE_DIRS = {"export": "export", "benchmarks": "benchmarks"}
 
 
 def _checkout_on_path(work: Path) -> Path:

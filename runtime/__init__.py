@@ -1,7 +1,7 @@
 """m3rt: a fast, exact inference runtime for BGE-M3 (dense, sparse and ColBERT outputs)."""
 
 from m3rt.errors import ArtifactError, BackendError, BackendOutOfMemory, InputError, InputTooLongError, M3Error
-from m3rt.kernels import SparseRows
+from m3rt.kernels.sparse import SparseRows
 from m3rt.model import BGEM3FlagModel, M3Model
 
 __version__ = "0.1.0"

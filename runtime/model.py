@@ -14,7 +14,7 @@ from m3rt.core import BatchRunner
 from m3rt.errors import InputError
 from m3rt.explain import Explanation, explain
 from m3rt.granularity import GranularityOptions, encode_granular, parse_levels
-from m3rt.kernels import SparseRows
+from m3rt.kernels.sparse import SparseRows
 from m3rt.manifest import Manifest, load_manifest
 from m3rt.memory import budget_rows
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline

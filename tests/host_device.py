@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from m3rt.device_array import DeviceArray
-from m3rt.kernels import aggregate_sparse
+from m3rt.kernels.sparse import aggregate_sparse
 
 
 def host_view(ptr: int, shape: Sequence[int], dtype: Any) -> np.ndarray:

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from m3rt.kernels import SparseRows, aggregate_sparse, colbert_counts, split_colbert
+from m3rt.kernels.colbert import colbert_counts, split_colbert
 from m3rt.kernels.cuda_api import check, runtime_api
+from m3rt.kernels.sparse import SparseRows, aggregate_sparse
 
 SPECIALS = (0, 1, 2, 3)  # XLM-R's <s>, <pad>, </s>, <unk>
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from m3rt.errors import BackendError
-from m3rt.kernels import SparseRows, aggregate_sparse, colbert_counts, split_colbert
 from m3rt.kernels import device as dk
+from m3rt.kernels.colbert import colbert_counts, split_colbert
+from m3rt.kernels.sparse import SparseRows, aggregate_sparse
 
 import kernel_cases as kc
 

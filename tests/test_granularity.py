@@ -10,7 +10,8 @@ from m3rt import InputError, M3Model
 from m3rt.granularity import GranularityOptions, plan_texts, token_windows
 from m3rt.long_document import owned_ranges
 from m3rt.sentences import split_sentences
-from tests.fake_backend import FakeBackend
+
+from fake_backend import FakeBackend
 
 EVERYTHING = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
 TEXT = (

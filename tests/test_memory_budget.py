@@ -8,7 +8,8 @@ import pytest
 from m3rt import InputError, M3Model
 from m3rt.memory import PER_TOKEN_HIDDEN_FLOATS, SCORE_COPIES, MemoryModel, memory_rows, parse_bytes
 from m3rt.scheduler import plan_batches
-from tests.fake_backend import FakeBackend
+
+from fake_backend import FakeBackend
 
 EVERYTHING = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
 

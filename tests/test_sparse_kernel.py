@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from m3rt.kernels import SparseRows, aggregate_sparse
+from m3rt.kernels.sparse import SparseRows, aggregate_sparse
 
 from reference_rules import lexical_weights
 

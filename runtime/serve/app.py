@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from m3rt.errors import InputError, InputTooLongError
 from m3rt.scoring import pair_scores
-from m3rt.serve.batching import EncodedTexts, EncodeJob
+from m3rt.serve.batching import OUTPUTS, EncodedTexts, EncodeJob
 from m3rt.serve.metrics import Metrics
 from m3rt.serve.protocol import (
     EmbeddingsRequest,
@@ -258,7 +258,7 @@ def create_app(
             raise ApiError(400, f"{param}: {exc}", "context_length_exceeded", param) from None
         except InputError as exc:
             raise ApiError(400, f"{param}: {exc}", "invalid_input", param) from None
-        return EncodeJob(tuple(texts), tuple(len(row) for row in ids), max_length, frozenset(outputs))
+        return EncodeJob(tuple(texts), tuple(ids), max_length, frozenset(outputs))
 
     async def run(*jobs: EncodeJob) -> list[EncodedTexts]:
         try:
@@ -346,7 +346,7 @@ def create_app(
             raise ApiError(400, message, "invalid_value", "weights")
         return scores
 
-    everything = {"dense", "sparse", "colbert"}
+    everything = set(OUTPUTS)
 
     @app.post("/v1/rerank")
     async def rerank(request: Request) -> JSONResponse:
@@ -395,7 +395,7 @@ def create_app(
             "max_length": served.max_length,
             "query_max_length": served.query_max_length,
             "passage_max_length": served.passage_max_length,
-            "outputs": ["dense", "sparse", "colbert"],
+            "outputs": list(OUTPUTS),
             **served.metadata,
         }
         card = {"id": served.name, "object": "model", "created": created, "owned_by": "m3rt", "m3rt": info}

@@ -95,7 +95,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"graph    {graph.name}: {graph.file} for {', '.join(graph.backends)}; {'; '.join(quality)}")
     if manifest.has_graph("int8") or manifest.has_graph("int8-u8"):
         from m3rt.int8_kernel import int8_kernel
-        from m3rt.validation import int8_graph_for
+        from m3rt.placement import int8_graph_for
 
         kernel = int8_kernel()
         served = manifest.graph(int8_graph_for(manifest, kernel)).file
@@ -112,10 +112,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from m3rt.backends.base import select_graph
     from m3rt.fidelity import DEFAULT_GATES, Gate
     from m3rt.manifest import load_manifest
-    from m3rt.validation import HeldoutComparison, int8_graph_for
+    from m3rt.placement import int8_graph_for, select_graph
+    from m3rt.validation import HeldoutComparison
 
     manifest = load_manifest(args.artifact, verify=not args.no_verify)
 

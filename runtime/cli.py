@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m3rt.errors import InputError, M3Error
+from m3rt.errors import BelowGateError, InputError, M3Error, error_answer
 from m3rt.serve.cli import add_serve_parser
 
 
@@ -148,7 +148,7 @@ def _compare(args: argparse.Namespace) -> int:
             if name != "texts":
                 print(f"  {name:28s} {value:.6f}")
         print(f"gate {vars(gate)}: {'passed' if not failures else 'FAILED: ' + '; '.join(failures)}")
-    return 0 if not failures else 3
+    return 0 if not failures else error_answer(BelowGateError()).exit_code
 
 
 def _delegate(verb: str, argv: list[str]) -> int:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except M3Error as exc:
         print(f"m3rt: error: {exc}", file=sys.stderr)
-        return 1
+        return error_answer(exc).exit_code
 
 
 if __name__ == "__main__":

@@ -386,3 +386,28 @@ def test_bench_batch_figures_are_those_of_one_round():
 
     # Warm-up and an earlier round put 50 batches of 100 requests on the counters before this round.
     assert _batching(scrape(50.0, 100.0), scrape(60.0, 140.0)) == {"batches": 10.0, "requests_per_batch": 4.0}
+
+
+def test_out_of_memory_is_503_and_each_m3error_answers_by_the_table(tiny_model):
+    """A batch that does not fit even alone: 503 with Retry-After (the server's state, not the request's)."""
+    from m3rt.errors import ERROR_ANSWERS, BackendError, BackendOutOfMemory, M3Error
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def run_ids(self, ids, outputs, **kwargs):
+            raise self.error
+
+    served = ServedModel.of(tiny_model, "bge-m3")
+    for error, status, code in [
+        (BackendOutOfMemory("a 1 x 8192 batch did not fit"), 503, "out_of_memory"),
+        (BackendError("provider failed"), 500, "backend_error"),
+        (InputError("bad"), 400, "invalid_input"),
+        (M3Error("anything else"), 500, "internal_error"),
+    ]:
+        assert (ERROR_ANSWERS[type(error)].http_status, ERROR_ANSWERS[type(error)].code) == (status, code)
+        with TestClient(create_app(served, LocalEncoder(Failing(error)))) as failing:
+            response = failing.post("/v1/encode", json={"input": ["hello"]})
+        assert response.status_code == status and response.json()["error"]["code"] == code
+        assert (response.headers.get("retry-after") == "1") == (status == 503)

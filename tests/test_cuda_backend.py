@@ -17,13 +17,13 @@ import onnx
 import pytest
 
 from m3rt import ArtifactError, BackendError, BackendOutOfMemory, M3Error, M3Model
-from m3rt.placement import parse_device, select_graph
 from m3rt.backends.onnxruntime import OnnxRuntimeBackend, backend_error
 from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend, cuda_unavailable_reason
 from m3rt.device_array import DeviceArray
 from m3rt.export.artifact import ExportOptions, export_artifact
 from m3rt.export.validate import Tolerance
 from m3rt.fidelity import DEFAULT_GATES, compare_outputs
+from m3rt.placement import parse_device, select_graph
 from m3rt.postprocess import OutputCollector, PostProcessor
 from m3rt.scheduler import pad_batch
 

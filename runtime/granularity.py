@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from m3rt.errors import InputError
-from m3rt.heads import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE
+from m3rt.heads import HEADS, OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE
 from m3rt.long_document import (
     HIDDEN_OUTPUT,
     LONG_DOCUMENT_STRATEGIES,
@@ -278,18 +278,20 @@ class SequenceResults:
         # Sparse weight per position (the token level) and, for MCLS, the pooled `<s>` rows' hidden states.
         self.token_weights: list[np.ndarray | None] = collector.token_weights or missing
         self.cls_hidden: list[np.ndarray | None] = [collector.hidden.get(i) for i in range(count)]
+        # Graph output -> per-sequence results, as `encode` returns them.
+        self.per_sequence = {OUTPUT_DENSE: self.dense, OUTPUT_SPARSE: self.lexical, OUTPUT_COLBERT: self.colbert}
 
 
 def _piece_results(pieces: list[_Piece], results: SequenceResults, hidden: int) -> dict[str, Any]:
     out: dict[str, Any] = {"offsets": np.array([(p.start, p.end) for p in pieces], dtype=np.int64).reshape(-1, 2)}
     if pieces and pieces[0].tokens is not None:
         out["token_ranges"] = np.array([p.tokens for p in pieces], dtype=np.int64).reshape(-1, 2)
-    if OUTPUT_DENSE in results.outputs:
-        out["dense_vecs"] = np.array([results.dense[p.sequence] for p in pieces], dtype=np.float32).reshape(-1, hidden)
-    if OUTPUT_SPARSE in results.outputs:
-        out["lexical_weights"] = [results.lexical[p.sequence] for p in pieces]
-    if OUTPUT_COLBERT in results.outputs:
-        out["colbert_vecs"] = [results.colbert[p.sequence] for p in pieces]
+    for spec in HEADS:
+        if spec.output in results.outputs:
+            values = [results.per_sequence[spec.output][p.sequence] for p in pieces]
+            if spec.output == OUTPUT_DENSE:  # one [pieces, hidden] array, as `encode` returns it
+                values = np.array(values, dtype=np.float32).reshape(-1, hidden)
+            out[spec.api] = values
     return out
 
 

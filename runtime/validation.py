@@ -16,7 +16,7 @@ from typing import Any
 from m3rt.core import BatchRunner
 from m3rt.errors import ArtifactError
 from m3rt.fidelity import DEFAULT_GATES, Gate, compare_outputs
-from m3rt.heads import HEAD_OUTPUTS, unused_token_ids
+from m3rt.heads import HEAD_OUTPUTS, HEADS, OUTPUT_SPARSE, unused_token_ids
 from m3rt.int8_kernel import Int8Kernel, int8_kernel
 from m3rt.manifest import GraphInfo, Manifest
 from m3rt.placement import served_as_measured
@@ -47,8 +47,8 @@ def encode_texts(manifest: Manifest, backend: Any, tokenizer: M3Tokenizer, texts
     for positions in plan_batches(token_lengths(ids), HELDOUT_BATCH_SIZE, HELDOUT_TOKEN_BUDGET):
         for batch, values in runner.run(pad_batch(ids, positions, pad), HEAD_OUTPUTS):
             collector.add(batch, values)
-    dense, sparse, colbert = collector.finish()
-    return {"dense_vecs": dense, "lexical_weights": sparse.to_dicts(), "colbert_vecs": colbert}
+    results = collector.results()
+    return {h.api: results[h.output].to_dicts() if h.output == OUTPUT_SPARSE else results[h.output] for h in HEADS}
 
 
 class HeldoutComparison:

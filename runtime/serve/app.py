@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from m3rt.errors import InputError, M3Error, error_answer
+from m3rt.heads import HEADS, OUTPUT_DENSE, OUTPUT_SPARSE
 from m3rt.scoring import pair_scores
 from m3rt.serve.batching import OUTPUTS, EncodedTexts, EncodeJob
 from m3rt.serve.metrics import Metrics
@@ -135,11 +136,15 @@ def _usage(jobs: list[EncodeJob]) -> dict[str, int]:
 def _flag_outputs(encoded: EncodedTexts, repeat: int | None = None) -> dict[str, Any]:
     """`encode`'s dict of one job (lexical weights as FlagEmbedding's dicts), for `pair_scores`;
     `repeat` stacks a single text's outputs that many times (one query against many documents)."""
-    lexical = [dict(zip(ids.astype(str).tolist(), list(w.astype(np.float32)))) for ids, w in encoded.sparse]
-    dense, colbert = encoded.dense, encoded.colbert
-    if repeat is not None:
-        dense, lexical, colbert = np.repeat(dense, repeat, axis=0), lexical * repeat, colbert * repeat
-    return {"dense_vecs": dense, "lexical_weights": lexical, "colbert_vecs": colbert}
+    out = {}
+    for spec in HEADS:
+        values = getattr(encoded, spec.serve)
+        if spec.output == OUTPUT_SPARSE:
+            values = [dict(zip(ids.astype(str).tolist(), list(w.astype(np.float32)))) for ids, w in values]
+        if repeat is not None:
+            values = np.repeat(values, repeat, axis=0) if spec.output == OUTPUT_DENSE else values * repeat
+        out[spec.api] = values
+    return out
 
 
 def _score_dict(scores: Mapping[str, np.ndarray], index: int) -> dict[str, float]:

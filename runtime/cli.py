@@ -94,11 +94,11 @@ def _inspect(args: argparse.Namespace) -> int:
             quality.append(f"measured on {on.get('cpu', '?')} ({on.get('kernel') or on.get('arithmetic')})")
         print(f"graph    {graph.name}: {graph.file} for {', '.join(graph.backends)}; {'; '.join(quality)}")
     if manifest.has_graph("int8") or manifest.has_graph("int8-u8"):
-        from m3rt.int8_kernel import int8_kernel
-        from m3rt.placement import int8_graph_for
+        from m3rt.placement import resolve
 
-        kernel = int8_kernel()
-        served = manifest.graph(int8_graph_for(manifest, kernel)).file
+        placement = resolve(manifest, "int8", "cpu")
+        kernel = placement.int8_kernel
+        served = placement.graph.file
         print(f"int8     this CPU ({kernel.cpu}): {kernel.describe()}; precision='int8' serves {served}")
     for engine in map(manifest.engine, manifest.engine_names):
         print(
@@ -114,17 +114,13 @@ def _inspect(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from m3rt.fidelity import DEFAULT_GATES, Gate
     from m3rt.manifest import load_manifest
-    from m3rt.placement import int8_graph_for, select_graph
+    from m3rt.placement import resolve
     from m3rt.validation import HeldoutComparison
 
     manifest = load_manifest(args.artifact, verify=not args.no_verify)
 
     def graph(precision: str) -> str:
-        if precision == "int8":
-            from m3rt.int8_kernel import int8_kernel
-
-            return int8_graph_for(manifest, int8_kernel())
-        return select_graph(manifest, precision, "cpu")
+        return resolve(manifest, precision, "cpu").graph.name
 
     got, want = graph(args.precision), graph(args.against)
     texts = None

@@ -122,27 +122,22 @@ class EngineSpec:
     """One engine of the registry.
 
     `devices`: the device kinds it runs on. `select(manifest, precision, device)`: the record it serves
-    (ArtifactError when the artifact has none for it). `unavailable(device)`: why it cannot run here, or
-    None. `create(manifest, placement, options)`: the backend (options: providers, intra_op_threads,
-    backend_options).
+    (ArtifactError when the artifact has none for it). `runs(record, device)`: whether it runs that
+    record (an ONNX graph, a TensorRT plan) on that device. `unavailable(device)`: why it cannot run
+    here, or None. `create(manifest, placement, options)`: the backend (options: providers,
+    intra_op_threads, backend_options).
     """
 
     name: str
     devices: tuple[str, ...]
     select: Callable[[Manifest, str, Device], Record]
+    runs: Callable[[Record, Device], bool]
     unavailable: Callable[[Device], str | None]
     create: Callable[[Manifest, Placement, Mapping[str, Any]], Any]
 
     def supports(self, record: Record, device: Device) -> bool:
         """Whether this engine runs `record` on `device`."""
-        if device.kind not in self.devices:
-            return False
-        if isinstance(record, EngineInfo):
-            return self.name == "tensorrt"
-        if self.name == "tensorrt":
-            return False
-        provider = record.execution_provider
-        return device.kind != "cpu" or provider in (None, "CPUExecutionProvider")
+        return device.kind in self.devices and self.runs(record, device)
 
 
 ENGINES: dict[str, EngineSpec] = {}
@@ -276,6 +271,13 @@ def _onnxruntime_select(manifest: Manifest, precision: str, device: Device) -> G
     return manifest.graph(select_graph(manifest, precision, device))
 
 
+def _onnxruntime_runs(record: Record, device: Device) -> bool:
+    # A graph recorded for one execution provider (the CUDA-fused graph) runs there only.
+    if not isinstance(record, GraphInfo):
+        return False
+    return device.kind != "cpu" or record.execution_provider in (None, "CPUExecutionProvider")
+
+
 def _onnxruntime_unavailable(device: Device) -> str | None:
     try:
         if device.kind == "cuda":
@@ -319,6 +321,10 @@ def _tensorrt_select(manifest: Manifest, precision: str, device: Device) -> Engi
     return manifest.engine(precision)
 
 
+def _tensorrt_runs(record: Record, device: Device) -> bool:
+    return isinstance(record, EngineInfo)
+
+
 def _tensorrt_unavailable(device: Device) -> str | None:
     from m3rt.backends.tensorrt import import_tensorrt
     from m3rt.kernels.cuda_api import gpu_unavailable_reason
@@ -336,5 +342,10 @@ def _tensorrt_create(manifest: Manifest, placement: Placement, options: Mapping[
     return TensorRTBackend(manifest.root / placement.plan.file, placement.plan, device=placement.device.index)
 
 
-register(EngineSpec("onnxruntime", ("cpu", "cuda"), _onnxruntime_select, _onnxruntime_unavailable, _onnxruntime_create))
-register(EngineSpec("tensorrt", ("cuda",), _tensorrt_select, _tensorrt_unavailable, _tensorrt_create))
+register(
+    EngineSpec(
+        "onnxruntime", ("cpu", "cuda"), _onnxruntime_select, _onnxruntime_runs, _onnxruntime_unavailable,
+        _onnxruntime_create,
+    )
+)  # fmt: skip
+register(EngineSpec("tensorrt", ("cuda",), _tensorrt_select, _tensorrt_runs, _tensorrt_unavailable, _tensorrt_create))

@@ -40,11 +40,11 @@ class Device(NamedTuple):
 def parse_device(device: str | None, providers: Sequence[Any] | None = None) -> Device:
     """Device("cpu", 0) or Device("cuda", index) from "cpu" / "cuda" / "cuda:N"; None means CUDA when
     the provider list asks for CUDAExecutionProvider (its "device_id" option gives the index), else CPU."""
-    requested = requested_device(device, providers)
+    requested = _requested_device(device, providers)
     return requested if requested is not None else Device("cpu", 0)
 
 
-def requested_device(device: str | None, providers: Sequence[Any] | None = None) -> Device | None:
+def _requested_device(device: str | None, providers: Sequence[Any] | None = None) -> Device | None:
     """The device asked for by `device` or by a CUDA provider entry; None when neither asks."""
     if device is None:
         cuda_entries = [p for p in providers or () if _provider_name(p) == CUDA_PROVIDER]
@@ -108,10 +108,6 @@ class Placement:
         """The output names every graph of this placement has (empty when a TensorRT plan's are not recorded)."""
         names = [frozenset(g.details.get("outputs", {})) for g in self.graphs] if self.plan is None else []
         return frozenset.intersection(*names) if names else frozenset()
-
-    def describe(self) -> str:
-        served = self.plan.file if self.plan is not None else self.graph.file if self.graph else "?"
-        return f"{self.engine} on {self.device}: {served}"
 
 
 Record = GraphInfo | EngineInfo
@@ -221,14 +217,17 @@ def resolve(
     """The placement of `precision` of `manifest`: engine `backend` ("onnxruntime", "tensorrt" or
     "auto") on `device` ("cpu", "cuda", "cuda:N"; None: the engine's default, or CUDA when `providers`
     asks for CUDAExecutionProvider). ArtifactError when the engine cannot serve it there."""
-    requested = requested_device(device, providers)
+    requested = _requested_device(device, providers)
     if requested is None and providers:
         requested = Device("cpu", 0)  # a provider list without CUDA keeps ONNX Runtime on the CPU
     if backend == "auto":
+        reasons = []
         for name, where in _auto_candidates(manifest, precision, requested):
-            if ENGINES[name].unavailable(where) is None:
+            reason = ENGINES[name].unavailable(where)
+            if reason is None:
                 return _place(manifest, precision, name, where)
-        raise ArtifactError(f"no engine can run {precision} on {requested or 'this machine'}")
+            reasons.append(f"{name} on {where}: {reason}")
+        raise ArtifactError(f"no engine can run {precision} here ({'; '.join(reasons)})")
     if backend not in ENGINES:
         choices = ", ".join([*ENGINES, "auto"])
         raise ArtifactError(f"unknown backend {backend!r}; choose from {choices}")

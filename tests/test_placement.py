@@ -123,3 +123,20 @@ def test_run_ids_refuses_what_the_graph_cannot_take(tiny_model):
     dense, sparse, colbert = tiny_model.run_ids(good, ["dense_vecs"])
     assert sparse is None and colbert is None
     np.testing.assert_array_equal(dense, tiny_model.encode(["a b c"])["dense_vecs"])
+
+
+def test_auto_moves_to_cuda_only_when_nothing_says_where(tiny, monkeypatch):
+    manifest = load_manifest(tiny[1])
+    onnxruntime = ENGINES["onnxruntime"]
+    monkeypatch.setitem(ENGINES, "onnxruntime", dataclasses.replace(onnxruntime, unavailable=lambda d: None))
+    assert resolve(manifest, backend="auto").device == ("cuda", 0)
+    assert resolve(manifest, backend="auto", providers=["CPUExecutionProvider"]).device == ("cpu", 0)
+    assert resolve(manifest, backend="auto", providers=[("CUDAExecutionProvider", {"device_id": 2})]).device == (
+        "cuda",
+        2,
+    )
+    monkeypatch.setitem(
+        ENGINES, "onnxruntime", dataclasses.replace(onnxruntime, unavailable=lambda d: f"no {d.kind} here")
+    )
+    with pytest.raises(ArtifactError, match=r"no engine can run fp32 here \(onnxruntime on cuda:0: no cuda here; "):
+        resolve(manifest, backend="auto")

@@ -10,7 +10,7 @@ from m3rt.errors import (
     InputTooLongError,
     M3Error,
 )
-from m3rt.kernels import SparseRows
+from m3rt.kernels.sparse import SparseRows
 from m3rt.model import BGEM3FlagModel, M3Model
 
 __version__ = "0.1.0"

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from m3rt.device_array import DeviceArray
-from m3rt.kernels import SparseRows, aggregate_sparse, colbert_counts, split_colbert
+from m3rt.kernels.colbert import colbert_counts, split_colbert
+from m3rt.kernels.sparse import SparseRows, aggregate_sparse
 from m3rt.scheduler import Batch
 
 OUTPUT_DENSE = "dense_vecs"

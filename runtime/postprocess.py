@@ -23,7 +23,7 @@ import numpy as np
 from m3rt.device_array import DeviceArray
 from m3rt.errors import BackendError
 from m3rt.heads import HEAD_OUTPUTS, HEADS, OUTPUT_SPARSE, reductions
-from m3rt.kernels import SparseRows
+from m3rt.kernels.sparse import SparseRows
 from m3rt.scheduler import Batch
 
 

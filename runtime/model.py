@@ -146,9 +146,9 @@ class M3Model:
         if placement.int8_kernel is not None:
             kernel = placement.int8_kernel
             notes.append(f"int8: {placement.graph.file} for this CPU's {kernel.describe()} kernels")
-            measured_here = check_int8_on_this_cpu(manifest, placement.graph.name, kernel) if placement.int8_check else None
-            if measured_here:
-                notes.append(measured_here)
+            if placement.int8_check:
+                measured_here = check_int8_on_this_cpu(manifest, placement.graph.name, kernel)
+                notes.extend([measured_here] if measured_here else [])
         engine = create_backend(
             manifest,
             placement,

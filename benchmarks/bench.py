@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from m3rt.benchmarks.machine import machine_description
 from m3rt.benchmarks.runners import m3rt_runners, reference_runner, reference_unavailable
 from m3rt.benchmarks.scenarios import SCENARIOS, load_setup, run_scenarios, summary_rows, table
 from m3rt.benchmarks.texts import DEFAULT_DISTRIBUTIONS, DISTRIBUTIONS, TextFactory
@@ -93,55 +92,6 @@ def _percentiles(times: list[float]) -> dict[str, float]:
     }
 
 
-def machine_description() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package in (
-        "m3rt",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "numpy",
-        "tokenizers",
-        "torch",
-        "transformers",
-        "FlagEmbedding",
-        "tensorrt",
-    ):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
-    gpu = None
-    try:
-        import subprocess
-
-        query = "--query-gpu=name,driver_version,memory.total"
-        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
-        gpu = out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:  # which int8 arithmetic this CPU gives ONNX Runtime, hence which int8 graph is served
-        from m3rt.int8_kernel import int8_kernel
-
-        int8 = int8_kernel().as_record()
-    except ImportError:
-        int8 = None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "int8_kernel": int8,
-        "gpu": gpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def step_environment(run: Run) -> dict[str, Any]:
     import onnxruntime as ort
 
     from m3rt.backends.onnxruntime_cuda import cuda_unavailable_reason
-    from m3rt.benchmarks.bench import machine_description
+    from m3rt.benchmarks.machine import machine_description
 
     env = machine_description()
     env["onnxruntime_path"] = str(Path(ort.__file__).parent)

@@ -46,30 +46,23 @@ def m3rt_runners(
 ) -> tuple[list[tuple[str, Callable[[], Runner]]], list[str]]:
     """(name, build) per (backend, precision) usable here, built lazily so that each runner's
     memory is measured alone; notes say what was skipped and why."""
-    from m3rt.backends.base import _tensorrt_usable
-    from m3rt.kernels.cuda_api import gpu_unavailable_reason
     from m3rt.manifest import load_manifest
+    from m3rt.placement import ENGINES, Device
 
     manifest = load_manifest(artifact, verify=False)
     notes = []
     # precision="int8" serves model.int8.onnx or its uint8 twin, whichever this CPU computes exactly
     cpu_graphs = set(manifest.graph_names) | ({"int8"} if manifest.has_graph("int8-u8") else set())
     combos = [("onnxruntime", p, "cpu") for p in ("fp32", "int8") if p in cpu_graphs]
-    try:
-        import onnxruntime as ort
-
-        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    except ImportError:
-        cuda = False
-    if cuda and gpu_unavailable_reason() is None:
-        # fp16 on CUDA runs the fused graph when the artifact has one (backends.base.select_graph).
+    if ENGINES["onnxruntime"].unavailable(Device("cuda", 0)) is None:
+        # fp16 on CUDA runs the fused graph when the artifact has one (m3rt.placement.select_graph).
         graphs = set(manifest.graph_names) | ({"fp16"} if manifest.has_graph("fp16-fused") else set())
         combos += [("onnxruntime", p, "cuda") for p in ("fp32", "fp16") if p in graphs]
     else:
         notes.append("ONNX Runtime CUDA: skipped (no onnxruntime-gpu with a visible GPU)")
     if not manifest.engine_names:
         notes.append("TensorRT: skipped (the artifact has no engines)")
-    elif _tensorrt_usable():
+    elif ENGINES["tensorrt"].unavailable(Device("cuda", 0)) is None:
         combos += [("tensorrt", p, "cuda") for p in manifest.engine_names]
     else:
         notes.append("TensorRT: skipped (engines present but TensorRT or a GPU is not)")

@@ -148,7 +148,7 @@ def _metric(text: str, name: str) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from m3rt.benchmarks.bench import machine_description
+    from m3rt.benchmarks.machine import machine_description
 
     args.out.mkdir(parents=True, exist_ok=True)
     requests = _requests(args)

@@ -19,6 +19,7 @@ import onnx
 from tqdm.auto import tqdm
 
 import m3rt
+from m3rt.errors import BelowGateError, ExportError
 from m3rt.export.checkpoint import ensure_tokenizer_json, load_reference, resolve_checkpoint
 from m3rt.export.onnx_graph import DEFAULT_OPSET, export_graph
 from m3rt.export.samples import calibration_texts, sample_texts
@@ -67,7 +68,7 @@ INT8_FORMS = ("cpu", "cpu-u8", "qdq")
 QDQ_SIMULATED = "session.disable_quant_qdq"
 
 
-class GateError(Exception):
+class GateError(BelowGateError, ExportError):
     """A precision variant misses its accuracy gate (and --allow-degraded was not given)."""
 
 

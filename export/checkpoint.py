@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from m3rt.errors import ExportError
 from m3rt.export.reference import M3Reference
 from m3rt.manifest import file_record
 
@@ -23,7 +24,7 @@ WEIGHT_FILES = (
 HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.pt", "sentencepiece.bpe.model"]
 
 
-class CheckpointError(Exception):
+class CheckpointError(ExportError):
     """The checkpoint cannot be used (missing files, not found offline, ...)."""
 
 

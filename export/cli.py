@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from m3rt.errors import M3Error, error_answer
 from m3rt.export.onnx_graph import DEFAULT_OPSET
 
 
@@ -95,9 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from m3rt.export.artifact import ExportOptions, GateError, export_artifact
-        from m3rt.export.checkpoint import CheckpointError
-        from m3rt.export.validate import Tolerance, ValidationError
+        from m3rt.export.artifact import ExportOptions, export_artifact
+        from m3rt.export.validate import Tolerance
         from m3rt.fidelity import Gate
     except ImportError as exc:
         print(
@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         manifest = export_artifact(opts)
+    except M3Error as exc:  # CheckpointError, ValidationError, GateError, ...: ExportErrors
+        print(f"m3-export: error: {exc}", file=sys.stderr)
+        return error_answer(exc).exit_code
     except (
-        CheckpointError,
-        ValidationError,
-        GateError,
         FileExistsError,
         FileNotFoundError,
         ValueError,

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from m3rt.errors import ExportError
+
 FILE_NAME = "model.flash.onnx"
 # The encoder's last hidden states [batch, sequence, hidden], before any head: what MCLS pools.
 HIDDEN_OUTPUT = "last_hidden_state"
@@ -35,7 +37,7 @@ MS_DOMAIN = "com.microsoft"
 PADDING_SCORE = -10000.0
 
 
-class PatternError(ValueError):
+class PatternError(ExportError, ValueError):
     """The graph's attention is not the exported MatMul/Div/Add/Softmax/MatMul pattern."""
 
 

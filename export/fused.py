@@ -14,7 +14,7 @@ graph on ONNX Runtime CPU (which runs these contrib ops, fp16 included, on the C
 kernels' own deviation can only be measured on a GPU: `benchmarks/gpu_check.py` does that.
 
 The manifest marks the graph `execution_provider: CUDAExecutionProvider`; the runtime uses it for
-fp16 on CUDA and never on the CPU (`m3rt.backends.base.select_graph`).
+fp16 on CUDA and never on the CPU (`m3rt.placement.select_graph`).
 """
 
 from __future__ import annotations

@@ -1,20 +1,15 @@
-"""Built-in multilingual texts: held-out samples (validation, gates) and calibration text (int8)."""
+"""Built-in multilingual texts: calibration text (int8), and the runtime's held-out samples."""
 
 from __future__ import annotations
 
 from importlib import resources
 
+from m3rt.samples import sample_texts
 
-def _lines(name: str) -> list[str]:
-    text = resources.files("m3rt.export").joinpath(f"data/{name}").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def sample_texts() -> list[str]:
-    """Queries and passages of mixed lengths; never used for calibration."""
-    return _lines("samples.txt")
+__all__ = ["calibration_texts", "sample_texts"]
 
 
 def calibration_texts() -> list[str]:
     """Default int8 calibration text, disjoint from `sample_texts`."""
-    return _lines("calibration.txt")
+    text = resources.files("m3rt.export").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from m3rt.backends.onnxruntime import OnnxRuntimeBackend
+from m3rt.errors import ExportError
 from m3rt.export.reference import M3Reference
 from m3rt.fidelity import cosines
 from m3rt.manifest import OUTPUT_NAMES
@@ -17,7 +18,7 @@ from m3rt.scheduler import pad_batch
 from m3rt.tokenizer import M3Tokenizer
 
 
-class ValidationError(Exception):
+class ValidationError(ExportError):
     """The exported graph deviates from the reference beyond tolerance."""
 
 

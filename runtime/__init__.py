@@ -1,6 +1,15 @@
 """m3rt: a fast, exact inference runtime for BGE-M3 (dense, sparse and ColBERT outputs)."""
 
-from m3rt.errors import ArtifactError, BackendError, BackendOutOfMemory, InputError, InputTooLongError, M3Error
+from m3rt.errors import (
+    ArtifactError,
+    BackendError,
+    BackendOutOfMemory,
+    BelowGateError,
+    ExportError,
+    InputError,
+    InputTooLongError,
+    M3Error,
+)
 from m3rt.kernels.sparse import SparseRows
 from m3rt.model import BGEM3FlagModel, M3Model
 
@@ -11,6 +20,8 @@ __all__ = [
     "BGEM3FlagModel",
     "BackendError",
     "BackendOutOfMemory",
+    "BelowGateError",
+    "ExportError",
     "InputError",
     "InputTooLongError",
     "M3Error",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m3rt.errors import InputError, M3Error
+from m3rt.errors import BelowGateError, InputError, M3Error, error_answer
 from m3rt.serve.cli import add_serve_parser
 
 
@@ -94,11 +94,11 @@ def _inspect(args: argparse.Namespace) -> int:
             quality.append(f"measured on {on.get('cpu', '?')} ({on.get('kernel') or on.get('arithmetic')})")
         print(f"graph    {graph.name}: {graph.file} for {', '.join(graph.backends)}; {'; '.join(quality)}")
     if manifest.has_graph("int8") or manifest.has_graph("int8-u8"):
-        from m3rt.int8_kernel import int8_kernel
-        from m3rt.validation import int8_graph_for
+        from m3rt.placement import resolve
 
-        kernel = int8_kernel()
-        served = manifest.graph(int8_graph_for(manifest, kernel)).file
+        placement = resolve(manifest, "int8", "cpu")
+        kernel = placement.int8_kernel
+        served = placement.graph.file
         print(f"int8     this CPU ({kernel.cpu}): {kernel.describe()}; precision='int8' serves {served}")
     for engine in map(manifest.engine, manifest.engine_names):
         print(
@@ -112,19 +112,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from m3rt.backends.base import select_graph
     from m3rt.fidelity import DEFAULT_GATES, Gate
     from m3rt.manifest import load_manifest
-    from m3rt.validation import HeldoutComparison, int8_graph_for
+    from m3rt.placement import resolve
+    from m3rt.validation import HeldoutComparison
 
     manifest = load_manifest(args.artifact, verify=not args.no_verify)
 
     def graph(precision: str) -> str:
-        if precision == "int8":
-            from m3rt.int8_kernel import int8_kernel
-
-            return int8_graph_for(manifest, int8_kernel())
-        return select_graph(manifest, precision, "cpu")
+        return resolve(manifest, precision, "cpu").graph.name
 
     got, want = graph(args.precision), graph(args.against)
     texts = None
@@ -148,7 +144,7 @@ def _compare(args: argparse.Namespace) -> int:
             if name != "texts":
                 print(f"  {name:28s} {value:.6f}")
         print(f"gate {vars(gate)}: {'passed' if not failures else 'FAILED: ' + '; '.join(failures)}")
-    return 0 if not failures else 3
+    return 0 if not failures else error_answer(BelowGateError()).exit_code
 
 
 def _delegate(verb: str, argv: list[str]) -> int:
@@ -214,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except M3Error as exc:
         print(f"m3rt: error: {exc}", file=sys.stderr)
-        return 1
+        return error_answer(exc).exit_code
 
 
 if __name__ == "__main__":

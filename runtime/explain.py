@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 
 from m3rt.errors import InputError
-from m3rt.granularity import GranularityOptions, encode_granular
-from m3rt.postprocess import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE
 from m3rt.scoring import colbert_score, combine_scores, lexical_matching_score
 
 Span = tuple[int, int] | None
@@ -58,9 +56,9 @@ class Explanation:
 
 
 def _encode_one(model: Any, text: str, max_length: int) -> dict[str, Any]:
-    options = GranularityOptions(max_length=max_length, long_document="truncate")
-    outputs = [OUTPUT_DENSE, OUTPUT_SPARSE, OUTPUT_COLBERT]
-    return encode_granular(model, [text], ("token", "document"), options, outputs, model.batch_size)[0]
+    everything = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    levels = dict(granularity=("token", "document"), granularity_options={"long_document": "truncate"})
+    return model.encode([text], max_length=max_length, **levels, **everything)[0]
 
 
 def _best_spans(token: dict[str, Any]) -> dict[int, tuple[int, int]]:
@@ -91,8 +89,9 @@ def explain(
 ) -> Explanation:
     if not isinstance(query, str) or not isinstance(passage, str):
         raise InputError("explain needs a query string and a passage string")
-    q_len = model._check_max_length(model.query_max_length if max_query_length is None else max_query_length)
-    p_len = model._check_max_length(model.passage_max_length if max_passage_length is None else max_passage_length)
+    # encode checks the lengths.
+    q_len = model.query_max_length if max_query_length is None else max_query_length
+    p_len = model.passage_max_length if max_passage_length is None else max_passage_length
     q, p = _encode_one(model, query, q_len), _encode_one(model, passage, p_len)
     q_doc, p_doc = q["document"], p["document"]
     q_lex, p_lex = q_doc["lexical_weights"][0], p_doc["lexical_weights"][0]

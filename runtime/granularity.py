@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from m3rt.errors import InputError
+from m3rt.heads import HEADS, OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE
 from m3rt.long_document import (
     HIDDEN_OUTPUT,
     LONG_DOCUMENT_STRATEGIES,
@@ -39,7 +40,7 @@ from m3rt.long_document import (
     pool_windows,
     stitch_windows,
 )
-from m3rt.postprocess import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, PostProcessor
+from m3rt.postprocess import OutputCollector
 from m3rt.sentences import split_sentences
 
 LEVELS = ("token", "sentence", "passage", "document")
@@ -261,61 +262,36 @@ def plan_texts(
 
 
 class SequenceResults:
-    """Raw per-sequence outputs, filled batch by batch (in any order)."""
+    """Per-sequence results as the levels read them, indexed by sequence (None where not computed):
+    the collector's, with each sequence's lexical weights as a dict."""
 
-    def __init__(
-        self,
-        count: int,
-        outputs: Sequence[str],
-        postprocessor: PostProcessor,
-        cls_positions: dict[int, np.ndarray] | None = None,
-    ) -> None:
+    def __init__(self, count: int, outputs: Sequence[str], collector: OutputCollector) -> None:
         self.outputs = tuple(outputs)
-        self.post = postprocessor
-        # MCLS: sequence -> `<s>` positions whose last hidden states are kept ([k, hidden] each).
-        self.cls_positions = cls_positions or {}
-        self.cls_hidden: list[np.ndarray | None] = [None] * count
-        self.dense: list[np.ndarray | None] = [None] * count
-        self.token_weights: list[np.ndarray | None] = [None] * count  # sparse weight per position
-        self.lexical: list[dict | None] = [None] * count
-        self.colbert: list[np.ndarray | None] = [None] * count
-
-    def add(self, batch: Any, values: dict[str, Any]) -> None:
-        rows = np.asarray(batch.indices).tolist()
-        lengths = np.asarray(batch.attention_mask).sum(axis=1)
-        if OUTPUT_DENSE in self.outputs:
-            for row, vec in zip(rows, self.post.apply(OUTPUT_DENSE, values[OUTPUT_DENSE], batch)):
-                self.dense[row] = np.array(vec)
-        if OUTPUT_SPARSE in self.outputs:
-            # The token level needs each position's weight as well, so the raw weights come to the host.
-            raw = values[OUTPUT_SPARSE]
-            raw = raw.to_host() if hasattr(raw, "to_host") else np.asarray(raw)
-            raw = raw.reshape(raw.shape[0], raw.shape[1])[:, : batch.input_ids.shape[1]]
-            lexical = self.post.apply(OUTPUT_SPARSE, raw, batch).to_dicts()
-            for k, row in enumerate(rows):
-                self.token_weights[row] = np.array(raw[k, : lengths[k]], dtype=np.float32)
-                self.lexical[row] = lexical[k]
-        if OUTPUT_COLBERT in self.outputs:
-            for row, vecs in zip(rows, self.post.apply(OUTPUT_COLBERT, values[OUTPUT_COLBERT], batch)):
-                self.colbert[row] = np.asarray(vecs)
-        if HIDDEN_OUTPUT in values:
-            hidden = values[HIDDEN_OUTPUT]
-            hidden = hidden.to_host() if hasattr(hidden, "to_host") else np.asarray(hidden)
-            for k, row in enumerate(rows):
-                if row in self.cls_positions:
-                    self.cls_hidden[row] = np.array(hidden[k, self.cls_positions[row]], dtype=np.float32)
+        results = collector.results()
+        missing: list[Any] = [None] * count
+        dense = results.get(OUTPUT_DENSE)
+        sparse = results.get(OUTPUT_SPARSE)
+        colbert = results.get(OUTPUT_COLBERT)
+        self.dense: list[np.ndarray | None] = list(dense) if dense is not None else missing
+        self.lexical: list[dict | None] = sparse.to_dicts() if sparse is not None else missing
+        self.colbert: list[np.ndarray | None] = list(colbert) if colbert is not None else missing
+        # Sparse weight per position (the token level) and, for MCLS, the pooled `<s>` rows' hidden states.
+        self.token_weights: list[np.ndarray | None] = collector.token_weights or missing
+        self.cls_hidden: list[np.ndarray | None] = [collector.hidden.get(i) for i in range(count)]
+        # Graph output -> per-sequence results, as `encode` returns them.
+        self.per_sequence = {OUTPUT_DENSE: self.dense, OUTPUT_SPARSE: self.lexical, OUTPUT_COLBERT: self.colbert}
 
 
 def _piece_results(pieces: list[_Piece], results: SequenceResults, hidden: int) -> dict[str, Any]:
     out: dict[str, Any] = {"offsets": np.array([(p.start, p.end) for p in pieces], dtype=np.int64).reshape(-1, 2)}
     if pieces and pieces[0].tokens is not None:
         out["token_ranges"] = np.array([p.tokens for p in pieces], dtype=np.int64).reshape(-1, 2)
-    if OUTPUT_DENSE in results.outputs:
-        out["dense_vecs"] = np.array([results.dense[p.sequence] for p in pieces], dtype=np.float32).reshape(-1, hidden)
-    if OUTPUT_SPARSE in results.outputs:
-        out["lexical_weights"] = [results.lexical[p.sequence] for p in pieces]
-    if OUTPUT_COLBERT in results.outputs:
-        out["colbert_vecs"] = [results.colbert[p.sequence] for p in pieces]
+    for spec in HEADS:
+        if spec.output in results.outputs:
+            values = [results.per_sequence[spec.output][p.sequence] for p in pieces]
+            if spec.output == OUTPUT_DENSE:  # one [pieces, hidden] array, as `encode` returns it
+                values = np.array(values, dtype=np.float32).reshape(-1, hidden)
+            out[spec.api] = values
     return out
 
 
@@ -350,13 +326,9 @@ def assemble(
 
 def _check_hidden_output(model: Any) -> None:
     """MCLS reads the encoder's last hidden states: only graphs that output them can serve it."""
-    served = getattr(model.backend, "graph_path", None)
-    for name in model.manifest.graph_names:
-        entry = model.manifest.data["graphs"][name]
-        if served is not None and model.manifest.graph_path(name) == served:
-            if HIDDEN_OUTPUT in entry.get("outputs", {}):
-                return
-            break
+    placement = model.placement
+    if placement is None or HIDDEN_OUTPUT in placement.outputs():
+        return  # a backend built by hand: the backend itself refuses an output its graph lacks
     raise InputError(
         "long_document='mcls' needs the encoder's last hidden states, which the served graph does not output; "
         "export with m3-export --flash-attention (ONNX Runtime CPU), or use long_document='windows'"
@@ -373,9 +345,6 @@ def encode_granular(
     show_progress: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Plan every text's pieces, run the unique sequences in one pipeline, assemble per text."""
-    from m3rt.pipeline import Stages, TokenProgress, run_pipeline
-    from m3rt.scheduler import pad_batch, plan_batches, token_lengths
-
     specials = model.manifest.special_tokens
     plans, sequences = plan_texts(texts, levels, model.tokenizer, options, specials["cls"], specials["eos"])
     cls_positions = {}
@@ -387,15 +356,16 @@ def encode_granular(
     if cls_positions:
         _check_hidden_output(model)
         run_outputs.append(HIDDEN_OUTPUT)
-    results = SequenceResults(len(sequences), outputs, model.postprocessor, cls_positions)
+    collector = OutputCollector(
+        len(sequences),
+        model.manifest.hidden_size,
+        outputs,
+        model.postprocessor,
+        token_weights=True,
+        hidden_rows=cls_positions,
+        hidden_output=HIDDEN_OUTPUT,
+    )
     if outputs and sequences:
-        stages = Stages(
-            tokenize=lambda chunk, first_index: [sequences[i] for i in chunk],
-            plan=lambda ids: plan_batches(token_lengths(ids), batch_size, model.token_budget, model._memory_rows),
-            pad=lambda ids, positions, first_index: pad_batch(ids, positions, model.pad_id, first_index),
-            infer=lambda batch: model._runner.run(batch, run_outputs),
-            collect=results.add,
-        )
-        with TokenProgress(show_progress) as progress:
-            run_pipeline(list(range(len(sequences))), stages, progress)
+        model.run_ids(sequences, run_outputs, batch_size=batch_size, show_progress=show_progress, collector=collector)
+    results = SequenceResults(len(sequences), outputs, collector)
     return assemble(texts, plans, levels, results, model.manifest.hidden_size)

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from m3rt.errors import ArtifactError
+from m3rt.heads import HEAD_OUTPUTS, HEADS
 
 MANIFEST_NAME = "m3rt.json"
 FORMAT = "m3rt-artifact"
 FORMAT_VERSION = 1
 
 INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAMES = ("dense_vecs", "sparse_weights", "colbert_vecs")
+# The graph outputs every graph has: one per registered head (`m3rt.heads`).
+OUTPUT_NAMES = HEAD_OUTPUTS
 
 _HASH_CHUNK = 16 << 20
 
@@ -51,11 +53,7 @@ def graph_record(
         "precision": precision,
         "opset": opset,
         "inputs": {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in INPUT_NAMES},
-        "outputs": {
-            "dense_vecs": {"dtype": outputs_dtype, "shape": ["batch", hidden]},
-            "sparse_weights": {"dtype": outputs_dtype, "shape": ["batch", "sequence"]},
-            "colbert_vecs": {"dtype": outputs_dtype, "shape": ["batch", "sequence - 1", colbert_dim]},
-        },
+        "outputs": {h.output: {"dtype": outputs_dtype, "shape": h.shape(hidden, colbert_dim)} for h in HEADS},
         **extra,
     }
 
@@ -130,6 +128,11 @@ class GraphInfo:
         if isinstance(measured, str):  # older artifacts recorded a sentence
             return {"arithmetic": measured}
         return measured
+
+    @property
+    def flash_attention(self) -> bool:
+        """Whether the graph never holds a layer's attention scores whole (ONNX Runtime's flash path)."""
+        return self.details.get("attention") == "flash" or self.name.endswith("-flash")
 
     @property
     def gate(self) -> dict[str, float] | None:

@@ -85,12 +85,11 @@ def memory_rows(model: MemoryModel, budget: int) -> Callable[[int], int]:
     return rows
 
 
-def budget_rows(manifest: Any, backend: Any, budget: int | str | None) -> Callable[[int], int] | None:
-    """`memory_rows` for the graph `backend` serves, or None without a budget."""
+def budget_rows(manifest: Any, placement: Any, budget: int | str | None) -> Callable[[int], int] | None:
+    """`memory_rows` for what `placement` (an `m3rt.placement.Placement`) runs, or None without a budget.
+    Without a placement (a backend built by hand) every batch is costed as the plain graph's."""
     if budget is None:
         return None
-    # Only the flash-attention graph never holds a layer's attention scores whole.
-    served = getattr(backend, "graph_path", None)
-    flash = manifest.has_graph("fp32-flash") and served == manifest.graph_path("fp32-flash")
+    quadratic = True if placement is None else placement.quadratic_attention
     heads = int(manifest.data["model"].get("num_attention_heads", manifest.hidden_size // 64))
-    return memory_rows(MemoryModel(manifest.hidden_size, heads, not flash), parse_bytes(budget))
+    return memory_rows(MemoryModel(manifest.hidden_size, heads, quadratic), parse_bytes(budget))

@@ -9,29 +9,27 @@ from typing import Any, Literal
 
 import numpy as np
 
-from m3rt.backends import Backend, create_backend
+from m3rt.backends import Backend
 from m3rt.core import BatchRunner
 from m3rt.errors import InputError
 from m3rt.explain import Explanation, explain
 from m3rt.granularity import GranularityOptions, encode_granular, parse_levels
-from m3rt.kernels.sparse import SparseRows
+from m3rt.heads import HEAD_OUTPUTS, HEADS, OUTPUT_SPARSE, unused_token_ids
 from m3rt.manifest import Manifest, load_manifest
 from m3rt.memory import budget_rows
 from m3rt.pipeline import Stages, TokenProgress, run_pipeline
-from m3rt.postprocess import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, OutputCollector, PostProcessor
+from m3rt.placement import Placement, create_backend, resolve
+from m3rt.postprocess import Collected, OutputCollector, PostProcessor
 from m3rt.scheduler import pad_batch, plan_batches, token_lengths
 from m3rt.scoring import colbert_score, lexical_matching_scores, pair_scores
 from m3rt.tokenizer import M3Tokenizer
+from m3rt.validation import check_int8_on_this_cpu
 
 SparseFormat = Literal["dict", "csr", "scipy"]
 
-# FlagEmbedding drops exactly these from lexical weights (`<mask>` is not among them).
-_UNUSED_SPECIALS = ("cls", "eos", "pad", "unk")
-
 
 def _unused_ids(manifest: Manifest) -> tuple[int, ...]:
-    specials = manifest.special_tokens
-    return tuple(sorted({specials[k] for k in _UNUSED_SPECIALS if k in specials}))
+    return unused_token_ids(manifest.special_tokens)
 
 
 def _as_texts(sentences: Any, what: str = "sentences") -> tuple[list[str], bool]:
@@ -84,9 +82,12 @@ class M3Model:
         return_colbert_vecs: bool = False,
         postprocessor: PostProcessor | None = None,
         memory_budget: int | str | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.manifest = manifest
         self.backend = backend
+        # What runs (engine, device, graphs), as `resolve` decided it; None for a backend built by hand.
+        self.placement = placement
         self.tokenizer = tokenizer
         self.max_length = manifest.max_length
         self.batch_size = _check_positive_int("batch_size", batch_size)
@@ -102,7 +103,7 @@ class M3Model:
         # The three heads, on the host or on the GPU where a backend leaves its outputs.
         self.postprocessor = postprocessor or PostProcessor(self.unused_ids)
         # Rows per batch at a padded length under `memory_budget` (bytes or "6GiB"; None: no limit).
-        self._memory_rows = budget_rows(manifest, backend, memory_budget)
+        self._memory_rows = budget_rows(manifest, placement, memory_budget)
         # Locking, row limits and out-of-memory retries, by what the backend says it can do.
         self._runner = BatchRunner(backend)
         if self._runner.capabilities.output_device is not None:
@@ -140,18 +141,27 @@ class M3Model:
         the device kernels.
         """
         manifest = load_manifest(path, verify=verify)
+        placement = resolve(manifest, precision, device, backend=backend, providers=providers)
+        notes = []
+        if placement.int8_kernel is not None:
+            kernel = placement.int8_kernel
+            notes.append(f"int8: {placement.graph.file} for this CPU's {kernel.describe()} kernels")
+            if placement.int8_check:
+                measured_here = check_int8_on_this_cpu(manifest, placement.graph.name, kernel)
+                notes.extend([measured_here] if measured_here else [])
         engine = create_backend(
-            backend,
             manifest,
-            precision,
+            placement,
             providers=providers,
             intra_op_threads=intra_op_threads,
-            device=device,
             backend_options=backend_options,
         )
+        if hasattr(engine, "notes"):
+            engine.notes.extend(notes)
         post = PostProcessor(_unused_ids(manifest), colbert_fp16=colbert_fp16, device_postprocess=device_postprocess)
         try:
-            return cls(manifest, engine, M3Tokenizer(manifest.tokenizer_path), postprocessor=post, **options)
+            tokenizer = M3Tokenizer(manifest.tokenizer_path)
+            return cls(manifest, engine, tokenizer, postprocessor=post, placement=placement, **options)
         except BaseException:
             # A bad option (batch_size, memory_budget, ...) must not leave the backend's streams and memory behind.
             close = getattr(engine, "close", None)
@@ -228,39 +238,29 @@ class M3Model:
         texts, single = _as_texts(sentences)
         batch_size = _check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
         max_length = self._check_max_length(self.passage_max_length if max_length is None else max_length)
-        want_dense = self.return_dense if return_dense is None else return_dense
-        want_sparse = self.return_sparse if return_sparse is None else return_sparse
-        want_colbert = self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs
+        outputs = self._wanted(return_dense, return_sparse, return_colbert_vecs)
         if sparse_format not in ("dict", "csr", "scipy"):
             raise InputError(f"sparse_format must be 'dict', 'csr' or 'scipy', got {sparse_format!r}")
         if single and sparse_format != "dict":
             raise InputError("sparse_format 'csr'/'scipy' needs a list of texts")
 
-        outputs = [
-            name
-            for name, wanted in (
-                ("dense_vecs", want_dense),
-                ("sparse_weights", want_sparse),
-                ("colbert_vecs", want_colbert),
-            )
-            if wanted
-        ]
-        dense, sparse, colbert = self._run(texts, max_length, truncate, batch_size, outputs, show_progress)
-
-        result: dict[str, Any] = {"dense_vecs": None, "lexical_weights": None, "colbert_vecs": None}
-        if want_dense:
-            result["dense_vecs"] = dense[0] if single else dense
-        if want_sparse:
-            if sparse_format == "csr":
-                result["lexical_weights"] = sparse
-            elif sparse_format == "scipy":
-                result["lexical_weights"] = sparse.to_scipy(self.manifest.model.vocab_size)
-            else:
-                dicts = sparse.to_dicts()
-                result["lexical_weights"] = dicts[0] if single else dicts
-        if want_colbert:
-            result["colbert_vecs"] = colbert[0] if single else colbert
+        collected = self._run(texts, max_length, truncate, batch_size, outputs, show_progress)
+        result: dict[str, Any] = {h.api: None for h in HEADS}
+        for spec, values in zip(HEADS, collected):
+            if spec.output not in outputs:
+                continue
+            if spec.output == OUTPUT_SPARSE and sparse_format != "dict":
+                csr = sparse_format == "csr"
+                result[spec.api] = values if csr else values.to_scipy(self.manifest.model.vocab_size)
+                continue
+            if spec.output == OUTPUT_SPARSE:
+                values = values.to_dicts()
+            result[spec.api] = values[0] if single else values
         return result
+
+    def _wanted(self, *flags: bool | None) -> list[str]:
+        """The graph outputs asked for by `encode`'s return_* flags (None: the model's default), in head order."""
+        return [spec.output for spec, flag in zip(HEADS, flags) if (getattr(self, spec.flag) if flag is None else flag)]
 
     def _encode_granular(
         self, sentences, granularity, options, batch_size, max_length, want_dense, want_sparse, want_colbert, progress
@@ -285,12 +285,7 @@ class M3Model:
                 options = GranularityOptions(max_length=max_length, **options)
             except TypeError as exc:
                 raise InputError(f"granularity_options: {exc}") from None
-        flags = (
-            (OUTPUT_DENSE, self.return_dense if want_dense is None else want_dense),
-            (OUTPUT_SPARSE, self.return_sparse if want_sparse is None else want_sparse),
-            (OUTPUT_COLBERT, self.return_colbert_vecs if want_colbert is None else want_colbert),
-        )
-        outputs = [name for name, wanted in flags if wanted]
+        outputs = self._wanted(want_dense, want_sparse, want_colbert)
         results = encode_granular(self, texts, levels, options, outputs, batch_size, progress)
         return results[0] if single else results
 
@@ -302,23 +297,70 @@ class M3Model:
         batch_size: int,
         outputs: list[str],
         show_progress: bool | None,
-    ) -> tuple[np.ndarray | None, SparseRows | None, list[np.ndarray] | None]:
+    ) -> Collected:
         """Tokenise, batch, infer and post-process `texts` (pipelined); results in input order."""
         collector = OutputCollector(len(texts), self.manifest.hidden_size, outputs, self.postprocessor)
         if not outputs:
             # Nothing to compute, but bad input (truncate=False) is still reported.
             self._tokenize(texts, max_length, truncate)
             return collector.finish()
+        tokenize = lambda chunk, first_index: self._tokenize(chunk, max_length, truncate, first_index)  # noqa: E731
+        self._pipeline(texts, tokenize, outputs, batch_size, collector, show_progress)
+        return collector.finish()
+
+    def _pipeline(self, items, tokenize, outputs, batch_size, collector, show_progress) -> None:
         stages = Stages(
-            tokenize=lambda chunk, first_index: self._tokenize(chunk, max_length, truncate, first_index),
+            tokenize=tokenize,
             plan=lambda ids: plan_batches(token_lengths(ids), batch_size, self.token_budget, self._memory_rows),
             pad=lambda ids, positions, first_index: pad_batch(ids, positions, self.pad_id, first_index),
             infer=lambda batch: self._runner.run(batch, outputs),
             collect=collector.add,
         )
         with TokenProgress(show_progress) as progress:
-            run_pipeline(texts, stages, progress)
+            run_pipeline(items, stages, progress)
+
+    def run_ids(
+        self,
+        ids: Sequence[np.ndarray],
+        outputs: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+        collector: OutputCollector | None = None,
+    ) -> Collected:
+        """Run already tokenised inputs (each `<s> ... </s>`, at most `max_length` ids) through the model:
+        batched under the token budget, pipelined, post-processed; results in input order.
+
+        `outputs`: graph outputs to compute (`m3rt.heads`' outputs; also extra graph outputs such as
+        `last_hidden_state` when `collector` keeps them). `collector`: an `OutputCollector` to fill
+        instead of a new one (for what it keeps beyond the heads: per-token weights, hidden rows).
+        """
+        rows = self._check_ids(ids)
+        batch_size = _check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        outputs = list(dict.fromkeys(outputs))
+        if collector is None:
+            heads = [name for name in outputs if name in HEAD_OUTPUTS]
+            collector = OutputCollector(len(rows), self.manifest.hidden_size, heads, self.postprocessor)
+        if outputs and rows:
+            tokenize = lambda chunk, first_index: [rows[i] for i in chunk]  # noqa: E731
+            self._pipeline(list(range(len(rows))), tokenize, outputs, batch_size, collector, show_progress)
         return collector.finish()
+
+    def _check_ids(self, ids: Any) -> list[np.ndarray]:
+        if isinstance(ids, (str, bytes, np.ndarray)) or not hasattr(ids, "__iter__"):
+            raise InputError("ids must be a sequence of 1-D token id arrays, one per input")
+        vocab = self.manifest.model.vocab_size
+        rows = []
+        for index, row in enumerate(ids):
+            array = np.asarray(row)
+            if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+                raise InputError(f"ids[{index}] must be a 1-D array of integer token ids")
+            if not 1 <= array.size <= self.max_length:
+                raise InputError(f"ids[{index}] has {array.size} ids; 1..{self.max_length} (max_length) are allowed")
+            if array.min() < 0 or array.max() >= vocab:
+                raise InputError(f"ids[{index}] has ids outside this model's vocabulary 0..{vocab - 1}")
+            rows.append(array.astype(np.int64, copy=False))
+        return rows
 
     def encode_queries(
         self, queries: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None, **kwargs: Any
@@ -442,4 +484,5 @@ class BGEM3FlagModel(M3Model):
             return_dense=return_dense,
             return_sparse=return_sparse,
             return_colbert_vecs=return_colbert_vecs,
+            placement=loaded.placement,
         )

@@ -1,11 +1,8 @@
 """Post-processing: a padded batch's raw backend outputs -> per-text results, back in input order.
 
-The three heads are the unit: `DenseHead` (the normalised CLS vector, [B, D] as the graph gives it),
-`SparseHead` (per-token weights aggregated per token id, FlagEmbedding's rules) and `ColbertHead`
-(each text's `tokens - 1` vectors). Each has a host version (NumPy, `m3rt.kernels`) and, for the two
-outputs that are large before they are reduced, a device version (`m3rt.kernels.device`) that reduces
-on the GPU and copies only the compact result back. The device versions are checked bit for bit
-against the host ones, so nothing after this seam knows which ran.
+The heads (`m3rt.heads`: dense, sparse, ColBERT) are the unit. Each has a host reduction (NumPy,
+`m3rt.kernels`) and, for the two outputs that are large before they are reduced, a device version
+(`m3rt.kernels.device`) that reduces on the GPU and copies only the compact result back.
 
 `PostProcessor` owns the heads and the device kernels (one `DeviceKernels` per GPU, created on first
 use; its stream is the post-processing stream). Backends return raw outputs only: host arrays, or
@@ -19,85 +16,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from m3rt.device_array import DeviceArray
 from m3rt.errors import BackendError
-from m3rt.kernels.colbert import colbert_counts, split_colbert
-from m3rt.kernels.sparse import SparseRows, aggregate_sparse
+from m3rt.heads import HEAD_OUTPUTS, HEADS, OUTPUT_SPARSE, reductions
+from m3rt.kernels.sparse import SparseRows
 from m3rt.scheduler import Batch
-
-OUTPUT_DENSE = "dense_vecs"
-OUTPUT_SPARSE = "sparse_weights"
-OUTPUT_COLBERT = "colbert_vecs"
-OUTPUTS = (OUTPUT_DENSE, OUTPUT_SPARSE, OUTPUT_COLBERT)
-
-
-def _host(values: Any) -> np.ndarray:
-    return values.to_host() if isinstance(values, DeviceArray) else np.asarray(values)
-
-
-def _on_device_as_batch(values: Any, batch: Batch, rows: int) -> bool:
-    """Whether device kernels can read `values` for this batch as they are: float32, the batch's
-    shape (`rows` per-token rows per text) and the batch's inputs bound beside it."""
-    if not isinstance(values, DeviceArray) or values.dtype != np.float32 or values.batch_inputs is None:
-        return False
-    ids, mask = values.batch_inputs
-    shape = batch.input_ids.shape
-    return tuple(ids.shape) == shape and tuple(mask.shape) == shape and values.shape[:2] == (shape[0], rows)
-
-
-class DenseHead:
-    """[B, D] float32: the graph already normalised the CLS vector; a small copy when on the device."""
-
-    name = OUTPUT_DENSE
-
-    def host(self, values: Any, batch: Batch) -> np.ndarray:
-        return np.asarray(_host(values), dtype=np.float32)
-
-
-class SparseHead:
-    """Per-token weights [B, S(, 1)] -> CSR rows: the max weight per token id, specials and masked
-    positions dropped, non-positive weights dropped (FlagEmbedding's `_process_token_weights`)."""
-
-    name = OUTPUT_SPARSE
-
-    def __init__(self, special_ids: Iterable[int]) -> None:
-        self.special_ids = tuple(int(x) for x in special_ids)
-
-    def host(self, values: Any, batch: Batch) -> SparseRows:
-        weights = np.asarray(_host(values), dtype=np.float32)
-        length = batch.input_ids.shape[1]
-        return aggregate_sparse(weights[:, :length], batch.input_ids, batch.attention_mask, self.special_ids)
-
-    def device(self, values: DeviceArray, batch: Batch, kernels: Any) -> SparseRows | None:
-        if not _on_device_as_batch(values, batch, batch.input_ids.shape[1]):
-            return None
-        ids, mask = values.batch_inputs  # type: ignore[misc]
-        return kernels.aggregate_sparse(values.ptr, ids.ptr, mask.ptr, values.shape, self.special_ids)
-
-
-class ColbertHead:
-    """[B, S'-1, D] -> per text its `tokens - 1` vectors (`<s>` dropped, `</s>` kept); float16 when
-    `fp16` (converted on the device where the vectors are, halving what crosses PCIe)."""
-
-    name = OUTPUT_COLBERT
-
-    def __init__(self, fp16: bool = False) -> None:
-        self.dtype = np.dtype(np.float16 if fp16 else np.float32)
-
-    def host(self, values: Any, batch: Batch) -> list[np.ndarray]:
-        vecs = np.asarray(_host(values), dtype=np.float32)[:, : batch.input_ids.shape[1] - 1]
-        # float16 -> float32 -> float16 is exact, so a float16 graph output is returned unchanged.
-        return [v.astype(self.dtype, copy=False) for v in split_colbert(vecs, batch.attention_mask)]
-
-    def device(self, values: DeviceArray, batch: Batch, kernels: Any) -> list[np.ndarray] | None:
-        if not _on_device_as_batch(values, batch, batch.input_ids.shape[1] - 1):
-            return None
-        counts = colbert_counts(batch.attention_mask)
-        return kernels.compact_colbert(values.ptr, values.shape, counts, fp16=self.dtype == np.float16)
 
 
 def default_device_kernels(device: int) -> Any:
@@ -123,9 +50,8 @@ class PostProcessor:
         device_postprocess: bool = True,
         device_kernels: Callable[[int], Any] = default_device_kernels,
     ) -> None:
-        self.dense = DenseHead()
-        self.sparse = SparseHead(special_ids)
-        self.colbert = ColbertHead(colbert_fp16)
+        # Graph output -> its reduction, one per registered head.
+        self.heads = reductions(special_ids, colbert_fp16)
         self.device_postprocess = bool(device_postprocess)
         self.notes: list[str] = []
         self._make_kernels = device_kernels
@@ -153,7 +79,7 @@ class PostProcessor:
 
     def apply(self, name: str, values: Any, batch: Batch) -> Any:
         """One head on one batch's raw output `name`; results in batch row order."""
-        head = {OUTPUT_DENSE: self.dense, OUTPUT_SPARSE: self.sparse, OUTPUT_COLBERT: self.colbert}[name]
+        head = self.heads[name]
         if isinstance(values, DeviceArray) and hasattr(head, "device"):
             kernels = self.kernels_for(values.device)
             if kernels is not None:
@@ -171,25 +97,48 @@ class PostProcessor:
             self._kernels.clear()
 
 
-class OutputCollector:
-    """Assembles one `encode` call's results; each input row must be delivered exactly once.
+class Collected(NamedTuple):
+    """One call's results in input order; None for an output that was not requested."""
 
+    dense: np.ndarray | None
+    sparse: SparseRows | None
+    colbert: list[np.ndarray] | None
+
+
+class OutputCollector:
+    """Assembles one call's results by input position; each input row must be delivered exactly once.
+
+    Besides the heads' results it can keep, for the granularity levels, each row's raw per-token
+    sparse weights (`token_weights=True`) and, for rows listed in `hidden_rows` ({row: positions}),
+    the last hidden states at those positions (output `hidden_output`, which must then be delivered).
     Not thread-safe: one pipeline's post-processing stage owns it.
     """
 
-    def __init__(self, num_texts: int, hidden_size: int, outputs: Sequence[str], postprocessor: PostProcessor) -> None:
-        unknown = set(outputs) - set(OUTPUTS)
+    def __init__(
+        self,
+        num_texts: int,
+        hidden_size: int,
+        outputs: Sequence[str],
+        postprocessor: PostProcessor,
+        *,
+        token_weights: bool = False,
+        hidden_rows: Mapping[int, np.ndarray] | None = None,
+        hidden_output: str = "last_hidden_state",
+    ) -> None:
+        unknown = set(outputs) - set(HEAD_OUTPUTS)
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}")
         self.num_texts = num_texts
-        self.outputs = tuple(outputs)
+        self.outputs = tuple(h.output for h in HEADS if h.output in outputs)
         self._post = postprocessor
         self._delivered = np.zeros(num_texts, dtype=bool)
-        self._dense = np.zeros((num_texts, hidden_size), dtype=np.float32) if OUTPUT_DENSE in outputs else None
-        # Sparse rows arrive batch by batch in any order: keep the parts and which inputs they are.
-        self._sparse_parts: list[SparseRows] = []
-        self._sparse_inputs: list[np.ndarray] = []
-        self._colbert: list[np.ndarray | None] | None = [None] * num_texts if OUTPUT_COLBERT in outputs else None
+        self._stores = {name: postprocessor.heads[name].start(num_texts, hidden_size) for name in self.outputs}
+        self.token_weights: list[np.ndarray | None] | None = (
+            [None] * num_texts if token_weights and OUTPUT_SPARSE in self.outputs else None
+        )
+        self._hidden_rows = dict(hidden_rows or {})
+        self._hidden_output = hidden_output
+        self.hidden: dict[int, np.ndarray] = {}
 
     def add(self, batch: Batch, values: Mapping[str, Any]) -> None:
         """Post-process one batch's raw backend outputs (every requested output must be present)."""
@@ -199,30 +148,39 @@ class OutputCollector:
         ordered = np.sort(rows)  # not np.unique: its first call in a process imports numpy.ma, racily under threads
         if self._delivered[rows].any() or bool((ordered[1:] == ordered[:-1]).any()):
             raise RuntimeError(f"inputs {rows[self._delivered[rows]].tolist()} delivered twice")
-        missing = [name for name in self.outputs if name not in values]
+        wanted = [*self.outputs, *([self._hidden_output] if self._hidden_rows else [])]
+        missing = [name for name in wanted if name not in values]
         if missing:
             raise RuntimeError(f"the backend returned no {', '.join(missing)}")
-        if self._dense is not None:
-            self._dense[rows] = self._post.apply(OUTPUT_DENSE, values[OUTPUT_DENSE], batch)
-        if OUTPUT_SPARSE in self.outputs:
-            self._sparse_parts.append(self._post.apply(OUTPUT_SPARSE, values[OUTPUT_SPARSE], batch))
-            self._sparse_inputs.append(rows)
-        if self._colbert is not None:
-            for index, vecs in zip(rows.tolist(), self._post.apply(OUTPUT_COLBERT, values[OUTPUT_COLBERT], batch)):
-                self._colbert[index] = vecs
+        for name in self.outputs:
+            raw = values[name]
+            if name == OUTPUT_SPARSE and self.token_weights is not None:
+                # The token level needs each position's weight as well, so the raw weights come to the host.
+                raw = _host(raw)
+                raw = raw.reshape(raw.shape[0], raw.shape[1])[:, : batch.input_ids.shape[1]]
+                lengths = np.asarray(batch.attention_mask).sum(axis=1)
+                for k, row in enumerate(rows.tolist()):
+                    self.token_weights[row] = np.array(raw[k, : lengths[k]], dtype=np.float32)
+            self._post.heads[name].put(self._stores[name], rows, self._post.apply(name, raw, batch))
+        if self._hidden_rows:
+            hidden = _host(values[self._hidden_output])
+            for k, row in enumerate(rows.tolist()):
+                if row in self._hidden_rows:
+                    self.hidden[row] = np.array(hidden[k, self._hidden_rows[row]], dtype=np.float32)
         self._delivered[rows] = True
 
-    def finish(self) -> tuple[np.ndarray | None, SparseRows | None, list[np.ndarray] | None]:
-        """(dense, sparse, colbert) in input order; None for an output that was not requested."""
+    def results(self) -> dict[str, Any]:
+        """Graph output -> its results in input order, for the requested outputs."""
         if self.outputs and not self._delivered.all():
             lost = np.flatnonzero(~self._delivered)
             raise RuntimeError(f"{lost.size} inputs got no output (first: {lost[:5].tolist()})")
-        sparse = None
-        if OUTPUT_SPARSE in self.outputs:
-            sparse = SparseRows.concat(self._sparse_parts)
-            if self._sparse_parts:
-                # Parts come in delivery order; invert that permutation to restore input order.
-                position = np.empty(self.num_texts, dtype=np.int64)
-                position[np.concatenate(self._sparse_inputs)] = np.arange(self.num_texts)
-                sparse = sparse.take(position)
-        return self._dense, sparse, self._colbert  # type: ignore[return-value]
+        return {name: self._post.heads[name].done(self._stores[name], self.num_texts) for name in self.outputs}
+
+    def finish(self) -> Collected:
+        """(dense, sparse, colbert) in input order; None for an output that was not requested."""
+        results = self.results()
+        return Collected(*(results.get(name) for name in HEAD_OUTPUTS))
+
+
+def _host(values: Any) -> np.ndarray:
+    return values.to_host() if isinstance(values, DeviceArray) else np.asarray(values)

@@ -2,7 +2,8 @@
 
 The export measures every variant this way and records the figures with its gate; the runtime does
 the same on the serving CPU when an int8 graph would otherwise be served in an arithmetic its gate was
-not measured in (`check_int8_on_this_cpu`).
+not measured in (`check_int8_on_this_cpu`, which `M3Model.load` runs). Graphs are encoded here with
+the runtime core (backend, batches, heads), not through `M3Model`, so that the loader can use this.
 """
 
 from __future__ import annotations
@@ -12,19 +13,42 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from m3rt.core import BatchRunner
 from m3rt.errors import ArtifactError
 from m3rt.fidelity import DEFAULT_GATES, Gate, compare_outputs
+from m3rt.heads import HEAD_OUTPUTS, HEADS, OUTPUT_SPARSE, unused_token_ids
 from m3rt.int8_kernel import Int8Kernel, int8_kernel
 from m3rt.manifest import GraphInfo, Manifest
+from m3rt.placement import served_as_measured
+from m3rt.postprocess import OutputCollector, PostProcessor
+from m3rt.samples import sample_texts
+from m3rt.scheduler import pad_batch, plan_batches, token_lengths
 from m3rt.tokenizer import M3Tokenizer
 
-ALL_OUTPUTS = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True}
+# How the held-out texts are encoded: `encode`'s batching at these settings, so the figures are
+# those of `M3Model.encode(texts, batch_size=8, max_length=512)`.
+HELDOUT_BATCH_SIZE = 8
+HELDOUT_MAX_LENGTH = 512
+HELDOUT_TOKEN_BUDGET = 8192
 
 
 def heldout_texts() -> list[str]:
-    from m3rt.export.samples import sample_texts  # package data only: no export dependency is imported
-
     return sample_texts()
+
+
+def encode_texts(manifest: Manifest, backend: Any, tokenizer: M3Tokenizer, texts: Sequence[str]) -> dict[str, Any]:
+    """All three outputs of `texts` through `backend`, in `encode`'s format (lexical weights as dicts)."""
+    ids = tokenizer.encode(list(texts), max_length=HELDOUT_MAX_LENGTH, truncate=True).ids
+    collector = OutputCollector(
+        len(ids), manifest.hidden_size, HEAD_OUTPUTS, PostProcessor(unused_token_ids(manifest.special_tokens))
+    )
+    runner = BatchRunner(backend)
+    pad = manifest.special_tokens["pad"]
+    for positions in plan_batches(token_lengths(ids), HELDOUT_BATCH_SIZE, HELDOUT_TOKEN_BUDGET):
+        for batch, values in runner.run(pad_batch(ids, positions, pad), HEAD_OUTPUTS):
+            collector.add(batch, values)
+    results = collector.results()
+    return {h.api: results[h.output].to_dicts() if h.output == OUTPUT_SPARSE else results[h.output] for h in HEADS}
 
 
 class HeldoutComparison:
@@ -38,11 +62,9 @@ class HeldoutComparison:
 
     def encode(self, graph: Path, session_config: Mapping[str, str] | None = None) -> dict[str, Any]:
         from m3rt.backends.onnxruntime import OnnxRuntimeBackend
-        from m3rt.model import M3Model
 
         backend = OnnxRuntimeBackend(graph, session_config=session_config)
-        model = M3Model(self.manifest, backend, self.tokenizer)
-        return model.encode(self.texts, batch_size=8, max_length=512, **ALL_OUTPUTS)
+        return encode_texts(self.manifest, backend, self.tokenizer, self.texts)
 
     def figures(self, graph: Path, session_config: Mapping[str, str] | None = None) -> dict[str, Any]:
         return compare_outputs(self.encode(graph, session_config), self.reference)
@@ -51,31 +73,6 @@ class HeldoutComparison:
 def gate_of(graph: GraphInfo) -> Gate:
     """The gate a graph records (what its export was held to), else the default for its precision."""
     return Gate(**graph.gate) if graph.gate else DEFAULT_GATES.get(graph.precision, Gate())
-
-
-def int8_graph_for(manifest: Manifest, kernel: Int8Kernel) -> str:
-    """The CPU int8 graph to serve: int8 weights where u8 x s8 sums are exact, else the uint8 twin."""
-    if not kernel.u8s8_exact and manifest.has_graph("int8-u8"):
-        return "int8-u8"
-    if manifest.has_graph("int8"):
-        return "int8"
-    if manifest.has_graph("int8-u8"):
-        return "int8-u8"
-    raise ArtifactError(f"{manifest.root} has no 'int8' graph; it has: {', '.join(sorted(manifest.graph_names))}")
-
-
-def served_as_measured(graph: GraphInfo, kernel: Int8Kernel) -> bool:
-    """Whether this CPU computes the graph's integer products exactly, as its recorded gate was measured.
-
-    A gate measured with exact (int32) sums holds wherever the sums are exact again: uint8 weights
-    everywhere, int8 weights where this CPU's u8 x s8 kernel does not saturate.
-    """
-    measured = graph.measured_on
-    if not measured or not measured.get("exact"):
-        return False
-    if graph.weight_type == "uint8":
-        return True
-    return kernel.u8s8_exact
 
 
 def check_int8_on_this_cpu(manifest: Manifest, name: str, kernel: Int8Kernel | None = None) -> str | None:

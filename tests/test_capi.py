@@ -72,7 +72,7 @@ def int8_artifact(tiny, tmp_path_factory):
 def test_int8_graph_matches_m3model_and_tensorrt_graphs_are_refused(capi, int8_artifact, texts):  # noqa: F811
     from m3rt.int8_kernel import int8_kernel
     from m3rt.manifest import load_manifest
-    from m3rt.validation import int8_graph_for
+    from m3rt.placement import int8_graph_for
 
     # The int8 form M3Model serves on this CPU (int8 or int8-u8), run by the C library.
     graph = int8_graph_for(load_manifest(int8_artifact), int8_kernel())

@@ -25,6 +25,25 @@ def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert err.startswith("m3rt: error:") and "Traceback" not in err
 
 
+def test_exit_codes_come_from_the_error_table(tiny, tmp_path, monkeypatch, capsys):
+    """Out of memory is worth retrying later (EX_TEMPFAIL, 75); export errors are M3Errors too."""
+    import m3rt.model
+    from m3rt.errors import BackendOutOfMemory
+    from m3rt.export.cli import main as export_main
+
+    def out_of_memory(*args, **kwargs):
+        raise BackendOutOfMemory("a batch of 1 x 8192 did not fit")
+
+    monkeypatch.setattr(m3rt.model.M3Model, "load", out_of_memory)
+    assert main(["encode", str(tiny[1]), "x"]) == 75
+    assert "did not fit" in capsys.readouterr().err
+    # An empty directory as the checkpoint: CheckpointError, an ExportError, answered as one line.
+    (tmp_path / "empty").mkdir()
+    assert export_main(["--model", str(tmp_path / "empty"), "--output", str(tmp_path / "never")]) == 1
+    err = capsys.readouterr().err
+    assert "m3-export: error:" in err and "Traceback" not in err
+
+
 def test_export_and_bench_verbs_are_m3_export_and_m3_bench(tiny, tmp_path, capsys):
     assert main(["export", "--model", str(tiny[0]), "-o", str(tmp_path / "a"), "--fp16", "--fused", "--int8"]) == 0
     graphs = json.loads((tmp_path / "a" / "m3rt.json").read_text())["graphs"]

@@ -17,13 +17,13 @@ import onnx
 import pytest
 
 from m3rt import ArtifactError, BackendError, BackendOutOfMemory, M3Error, M3Model
-from m3rt.backends.base import parse_device, select_graph
 from m3rt.backends.onnxruntime import OnnxRuntimeBackend, backend_error
 from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend, cuda_unavailable_reason
 from m3rt.device_array import DeviceArray
 from m3rt.export.artifact import ExportOptions, export_artifact
 from m3rt.export.validate import Tolerance
 from m3rt.fidelity import DEFAULT_GATES, compare_outputs
+from m3rt.placement import parse_device, select_graph
 from m3rt.postprocess import OutputCollector, PostProcessor
 from m3rt.scheduler import pad_batch
 
@@ -566,8 +566,8 @@ def test_both_bound_inputs_are_256_byte_aligned_apart(fused, rows, length):
 @pytest.mark.parametrize("gpu_visible", [True, False])
 def test_auto_backend_picks_onnxruntime_cuda_when_it_can_run(fused, monkeypatch, gpu_visible):
     import m3rt.backends.onnxruntime_cuda as ort_backends
-    from m3rt.backends.base import create_backend
     from m3rt.manifest import load_manifest
+    from m3rt.placement import create_backend, resolve
 
     manifest = load_manifest(fused)
     made = []
@@ -578,14 +578,15 @@ def test_auto_backend_picks_onnxruntime_cuda_when_it_can_run(fused, monkeypatch,
 
     monkeypatch.setattr(ort_backends, "cuda_unavailable_reason", lambda: None if gpu_visible else "no GPU")
     monkeypatch.setattr(ort_backends, "OnnxRuntimeCudaBackend", Recorded)
-    backend = create_backend("auto", manifest, "fp16")
+    backend = create_backend(manifest, resolve(manifest, "fp16", backend="auto"))
     if gpu_visible:
         assert isinstance(backend, Recorded) and made == [("model.fp16.fused.onnx", 0)]
     else:
         assert backend.name == "onnxruntime" and backend.graph_path.name == "model.fp16.onnx" and not made
     # An explicit device wins, and "onnxruntime" never moves to the GPU by itself.
-    assert create_backend("auto", manifest, "fp16", device="cpu").graph_path.name == "model.fp16.onnx"
-    assert create_backend("onnxruntime", manifest, "fp16").graph_path.name == "model.fp16.onnx"
+    on_cpu = resolve(manifest, "fp16", "cpu", backend="auto")
+    assert create_backend(manifest, on_cpu).graph_path.name == "model.fp16.onnx"
+    assert create_backend(manifest, resolve(manifest, "fp16")).graph_path.name == "model.fp16.onnx"
 
 
 def test_capture_gate_keeps_cuda_work_and_captures_apart():

@@ -213,15 +213,17 @@ def test_bad_requests_answer_openai_error_json(client, route, body, status, code
 def test_a_bad_job_fails_alone_in_its_batch(tiny_model):
     """encode_jobs on a model whose encode fails for one text: the other jobs of the batch succeed."""
 
+    boom = tuple(tiny_model.tokenizer.encode(["boom"], 64).ids[0].tolist())
+
     class FailsOnBoom:
-        def encode(self, texts, **kwargs):
-            if "boom" in texts:
+        def run_ids(self, ids, outputs, **kwargs):
+            if any(tuple(row.tolist()) == boom for row in ids):
                 raise InputError("boom")
-            return tiny_model.encode(texts, **kwargs)
+            return tiny_model.run_ids(ids, outputs, **kwargs)
 
     def job(texts, max_length=64, outputs=("dense", "sparse", "colbert")):
-        lengths = tuple(len(ids) for ids in tiny_model.tokenizer.encode(texts, max_length).ids)
-        return EncodeJob(tuple(texts), lengths, max_length, frozenset(outputs))
+        ids = tuple(tiny_model.tokenizer.encode(texts, max_length).ids)
+        return EncodeJob(tuple(texts), ids, max_length, frozenset(outputs))
 
     jobs = [job(["a", "b c"]), job(["boom"]), job(["d e f"], max_length=8, outputs=("dense",)), job(["g"])]
     results = encode_jobs(FailsOnBoom(), jobs)
@@ -293,7 +295,7 @@ def test_coalescer_merges_the_batches_that_wait_for_the_model():
         return [f"result of {job.texts[0]}" for job in jobs]
 
     def job(text, tokens=4):
-        return EncodeJob((text,), (tokens,), 64, frozenset({"dense"}))
+        return EncodeJob((text,), (np.zeros(tokens, dtype=np.int64),), 64, frozenset({"dense"}))
 
     async def scenario(budget, batches):
         coalescer = Coalescer(run, budget)
@@ -384,3 +386,28 @@ def test_bench_batch_figures_are_those_of_one_round():
 
     # Warm-up and an earlier round put 50 batches of 100 requests on the counters before this round.
     assert _batching(scrape(50.0, 100.0), scrape(60.0, 140.0)) == {"batches": 10.0, "requests_per_batch": 4.0}
+
+
+def test_out_of_memory_is_503_and_each_m3error_answers_by_the_table(tiny_model):
+    """A batch that does not fit even alone: 503 with Retry-After (the server's state, not the request's)."""
+    from m3rt.errors import ERROR_ANSWERS, BackendError, BackendOutOfMemory, M3Error
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def run_ids(self, ids, outputs, **kwargs):
+            raise self.error
+
+    served = ServedModel.of(tiny_model, "bge-m3")
+    for error, status, code in [
+        (BackendOutOfMemory("a 1 x 8192 batch did not fit"), 503, "out_of_memory"),
+        (BackendError("provider failed"), 500, "backend_error"),
+        (InputError("bad"), 400, "invalid_input"),
+        (M3Error("anything else"), 500, "internal_error"),
+    ]:
+        assert (ERROR_ANSWERS[type(error)].http_status, ERROR_ANSWERS[type(error)].code) == (status, code)
+        with TestClient(create_app(served, LocalEncoder(Failing(error)))) as failing:
+            response = failing.post("/v1/encode", json={"input": ["hello"]})
+        assert response.status_code == status and response.json()["error"]["code"] == code
+        assert (response.headers.get("retry-after") == "1") == (status == 503)

@@ -1,5 +1,5 @@
-"""Inference backends behind one small interface (`Backend`)."""
+"""Inference backends behind one small interface (`Backend`); `m3rt.placement` chooses and builds them."""
 
-from m3rt.backends.base import BACKENDS, Backend, create_backend
+from m3rt.backends.base import Backend
 
-__all__ = ["BACKENDS", "Backend", "create_backend"]
+__all__ = ["Backend"]

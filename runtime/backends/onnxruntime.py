@@ -42,7 +42,7 @@ _OOM_MARKERS = (
 )
 
 
-def _session_options(
+def session_options(
     intra_op_threads: int | None = None, config: Mapping[str, str] | None = None
 ) -> ort.SessionOptions:
     options = ort.SessionOptions()
@@ -54,7 +54,7 @@ def _session_options(
     return options
 
 
-def _check_io(session: ort.InferenceSession, graph_path: Path) -> None:
+def check_io(session: ort.InferenceSession, graph_path: Path) -> None:
     names_in = tuple(i.name for i in session.get_inputs())
     names_out = {o.name for o in session.get_outputs()}
     if names_in != INPUT_NAMES or not set(OUTPUT_NAMES) <= names_out:
@@ -69,7 +69,7 @@ def _provider_name(provider: Any) -> str:
     return provider[0] if isinstance(provider, (tuple, list)) else str(provider)
 
 
-def _option_text(value: Any) -> str:
+def option_text(value: Any) -> str:
     # Provider options reach ONNX Runtime as strings; its bool parser reads "1"/"0" (istream >> bool).
     return ("1" if value else "0") if isinstance(value, bool) else str(value)
 
@@ -110,11 +110,11 @@ class OnnxRuntimeBackend:
         self.graph_path = Path(graph_path)
         self.notes: list[str] = []
         try:
-            options = _session_options(intra_op_threads, session_config)
+            options = session_options(intra_op_threads, session_config)
             self._session = ort.InferenceSession(str(graph_path), options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ArtifactError(f"ONNX Runtime cannot load {graph_path}: {exc}") from exc
-        _check_io(self._session, graph_path)
+        check_io(self._session, graph_path)
         self.providers = self._session.get_providers()
         # ONNX Runtime silently falls back to CPU when a requested GPU provider cannot start.
         missing = [_provider_name(p) for p in providers if _provider_name(p) not in self.providers]

@@ -28,12 +28,12 @@ import numpy as np
 from m3rt.backends.onnxruntime import (
     CPU_BUILD_HINT,
     CUDA_PROVIDER,
-    _check_io,
-    _option_text,
-    _session_options,
     backend_error,
+    check_io,
     is_out_of_memory_text,
+    option_text,
     ort,
+    session_options,
 )
 from m3rt.core import Capabilities
 from m3rt.device_array import DeviceArray
@@ -166,7 +166,7 @@ class OnnxRuntimeCudaBackend:
         self.graph_path = Path(graph_path)
         self.notes: list[str] = []
         self._lock = threading.Lock()
-        self._provider_options = {k: _option_text(v) for k, v in (provider_options or {}).items()}
+        self._provider_options = {k: option_text(v) for k, v in (provider_options or {}).items()}
         self.cuda_graph = False
         self._session: Any = None
         if cuda_graph:
@@ -228,7 +228,7 @@ class OnnxRuntimeCudaBackend:
     def _create_session(self, cuda_graph: bool) -> Any:
         providers = self.device.providers(self._provider_options, cuda_graph)
         try:
-            session = ort.InferenceSession(str(self.graph_path), _session_options(), providers=providers)
+            session = ort.InferenceSession(str(self.graph_path), session_options(), providers=providers)
         except Exception as exc:
             text = str(exc)
             if is_out_of_memory_text(text):
@@ -236,7 +236,7 @@ class OnnxRuntimeCudaBackend:
             if "graph capture" in text.lower():
                 raise BackendError(text) from exc
             raise ArtifactError(f"ONNX Runtime cannot load {self.graph_path}: {text}") from exc
-        _check_io(session, self.graph_path)
+        check_io(session, self.graph_path)
         self.device.check_session(session)
         return session
 

@@ -3,7 +3,8 @@
 Ray Serve builds one per replica around its batching encoder (`m3rt.serve.deployment`); tests and
 other ASGI servers can run it on a `LocalEncoder`. Bodies are parsed here rather than by FastAPI so
 that every failure answers OpenAI's error JSON: 400 bad JSON or input, 404 unknown model, 413 too
-large, 422 wrong types or fields, 503 too many requests pending.
+large, 422 wrong types or fields, 503 too many requests pending; an `M3Error` is answered by
+`m3rt.errors.ERROR_ANSWERS` (bad input 400, out of memory 503, ...).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from m3rt.errors import InputError, InputTooLongError
+from m3rt.errors import InputError, M3Error, error_answer
+from m3rt.heads import HEADS, OUTPUT_DENSE, OUTPUT_SPARSE
 from m3rt.scoring import pair_scores
-from m3rt.serve.batching import EncodedTexts, EncodeJob
+from m3rt.serve.batching import OUTPUTS, EncodedTexts, EncodeJob
 from m3rt.serve.metrics import Metrics
 from m3rt.serve.protocol import (
     EmbeddingsRequest,
@@ -98,6 +100,13 @@ class ApiError(Exception):
         return JSONResponse(error_body(self.message, kind, self.code, self.param), self.status, headers=headers)
 
 
+def api_error(exc: M3Error, param: str | None = None) -> ApiError:
+    """An `M3Error` as the API answers it (`m3rt.errors.ERROR_ANSWERS`)."""
+    answer = error_answer(exc)
+    message = f"{param}: {exc}" if param is not None else str(exc)
+    return ApiError(answer.http_status, message, answer.code, param)
+
+
 def _validation_error(exc: ValidationError) -> ApiError:
     errors = exc.errors(include_url=False)
     not_finite = [e for e in errors if e["type"] == "finite_number"]
@@ -127,11 +136,15 @@ def _usage(jobs: list[EncodeJob]) -> dict[str, int]:
 def _flag_outputs(encoded: EncodedTexts, repeat: int | None = None) -> dict[str, Any]:
     """`encode`'s dict of one job (lexical weights as FlagEmbedding's dicts), for `pair_scores`;
     `repeat` stacks a single text's outputs that many times (one query against many documents)."""
-    lexical = [dict(zip(ids.astype(str).tolist(), list(w.astype(np.float32)))) for ids, w in encoded.sparse]
-    dense, colbert = encoded.dense, encoded.colbert
-    if repeat is not None:
-        dense, lexical, colbert = np.repeat(dense, repeat, axis=0), lexical * repeat, colbert * repeat
-    return {"dense_vecs": dense, "lexical_weights": lexical, "colbert_vecs": colbert}
+    out = {}
+    for spec in HEADS:
+        values = getattr(encoded, spec.serve)
+        if spec.output == OUTPUT_SPARSE:
+            values = [dict(zip(ids.astype(str).tolist(), list(w.astype(np.float32)))) for ids, w in values]
+        if repeat is not None:
+            values = np.repeat(values, repeat, axis=0) if spec.output == OUTPUT_DENSE else values * repeat
+        out[spec.api] = values
+    return out
 
 
 def _score_dict(scores: Mapping[str, np.ndarray], index: int) -> dict[str, float]:
@@ -201,6 +214,10 @@ def create_app(
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(M3Error)
+    async def _m3_error(_: Request, exc: M3Error) -> JSONResponse:
+        return api_error(exc).response()
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         message = f"internal error: {type(exc).__name__}: {exc}"
@@ -254,17 +271,15 @@ def create_app(
             # Always in a thread, however short the texts: the tokenizer's lock is shared with the
             # model's own tokenisation, and waiting for it on the event loop would stall every route.
             ids = (await asyncio.to_thread(served.tokenizer.encode, texts, max_length, truncate)).ids
-        except InputTooLongError as exc:
-            raise ApiError(400, f"{param}: {exc}", "context_length_exceeded", param) from None
         except InputError as exc:
-            raise ApiError(400, f"{param}: {exc}", "invalid_input", param) from None
-        return EncodeJob(tuple(texts), tuple(len(row) for row in ids), max_length, frozenset(outputs))
+            raise api_error(exc, param) from None
+        return EncodeJob(tuple(texts), tuple(ids), max_length, frozenset(outputs))
 
     async def run(*jobs: EncodeJob) -> list[EncodedTexts]:
         try:
             results = await asyncio.gather(*(encoder.encode(job) for job in jobs))
-        except InputError as exc:
-            raise ApiError(400, str(exc), "invalid_input") from None
+        except M3Error as exc:
+            raise api_error(exc) from None
         for job in jobs:
             metrics.texts.inc(len(job.texts))
             metrics.tokens.inc(job.num_tokens)
@@ -346,7 +361,7 @@ def create_app(
             raise ApiError(400, message, "invalid_value", "weights")
         return scores
 
-    everything = {"dense", "sparse", "colbert"}
+    everything = set(OUTPUTS)
 
     @app.post("/v1/rerank")
     async def rerank(request: Request) -> JSONResponse:
@@ -395,7 +410,7 @@ def create_app(
             "max_length": served.max_length,
             "query_max_length": served.query_max_length,
             "passage_max_length": served.passage_max_length,
-            "outputs": ["dense", "sparse", "colbert"],
+            "outputs": list(OUTPUTS),
             **served.metadata,
         }
         card = {"id": served.name, "object": "model", "created": created, "owned_by": "m3rt", "m3rt": info}

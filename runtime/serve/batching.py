@@ -1,38 +1,43 @@
 """Encode jobs from many requests in one `encode` call.
 
-A job is one request's texts, already tokenised once to check them and to know their lengths, so a
-batch can be sized by the tokens it will pad to. `encode_jobs` is the function Ray Serve's batching
-calls with the jobs it collected; every job gets its own result or its own exception, in order.
+A job is one request's texts, tokenised once (to check them, to size batches by the tokens they will
+pad to, and to run: the model takes the ids as they are, `M3Model.run_ids`). `encode_jobs` is the
+function Ray Serve's batching calls with the jobs it collected; every job gets its own result or its
+own exception, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from m3rt.model import M3Model
+from m3rt.heads import HEADS, OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE
 
-OUTPUTS = ("dense", "sparse", "colbert")
+# The heads by their names in the HTTP API.
+OUTPUTS = tuple(h.serve for h in HEADS)
 
 
 @dataclass(frozen=True)
 class EncodeJob:
     """One request's texts with the options that decide how they are encoded.
 
-    `lengths` are the token counts after truncation to `max_length` (specials included): what the
-    batch they join will pad to. Texts that do not fit with `truncate=false` never become jobs.
+    `ids` are the texts' token ids after truncation to `max_length` (specials included); their
+    lengths are what the batch they join will pad to. Texts that do not fit with `truncate=false`
+    never become jobs. `outputs`: names of `OUTPUTS`.
     """
 
     texts: tuple[str, ...]
-    lengths: tuple[int, ...]
+    ids: tuple[np.ndarray, ...]
     max_length: int
     outputs: frozenset[str]
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(len(row) for row in self.ids)
 
     @property
     def num_tokens(self) -> int:
@@ -63,65 +68,53 @@ def batch_size(jobs: Sequence[EncodeJob]) -> int:
     return 1 if len(jobs) == 1 else padded_tokens(jobs)
 
 
-def _encode_group(model: M3Model, jobs: list[EncodeJob]) -> list[EncodedTexts]:
-    """One `encode` for jobs of one max_length, with every output any of them asked for."""
-    texts = [text for job in jobs for text in job.texts]
+def _encode_group(model: Any, jobs: list[EncodeJob]) -> list[EncodedTexts]:
+    """One `run_ids` for the jobs' ids, with every output any of them asked for."""
+    ids = [row for job in jobs for row in job.ids]
     wanted = frozenset().union(*(job.outputs for job in jobs))
-    out = model.encode(
-        texts,
-        max_length=jobs[0].max_length,
-        return_dense="dense" in wanted,
-        return_sparse="sparse" in wanted,
-        return_colbert_vecs="colbert" in wanted,
-        sparse_format="csr",
-    )
-    sparse_rows = out["lexical_weights"]
+    dense, sparse_rows, colbert = model.run_ids(ids, [h.output for h in HEADS if h.serve in wanted])
+    by_output = {OUTPUT_DENSE: dense, OUTPUT_COLBERT: colbert}
     results, start = [], 0
     for job in jobs:
         stop = start + len(job.texts)
-        sparse = None
-        if "sparse" in job.outputs:
-            sparse = []
-            for row in range(start, stop):
-                lo, hi = sparse_rows.indptr[row], sparse_rows.indptr[row + 1]
-                order = np.argsort(sparse_rows.indices[lo:hi], kind="stable")
-                sparse.append((sparse_rows.indices[lo:hi][order], sparse_rows.values[lo:hi][order]))
-        results.append(
-            EncodedTexts(
-                dense=out["dense_vecs"][start:stop] if "dense" in job.outputs else None,
-                sparse=sparse,
-                colbert=out["colbert_vecs"][start:stop] if "colbert" in job.outputs else None,
-            )
-        )
+        outputs: dict[str, Any] = {}
+        for spec in HEADS:
+            if spec.serve not in job.outputs:
+                outputs[spec.serve] = None
+            elif spec.output == OUTPUT_SPARSE:
+                outputs[spec.serve] = [_sorted_row(sparse_rows, row) for row in range(start, stop)]
+            else:
+                outputs[spec.serve] = by_output[spec.output][start:stop]
+        results.append(EncodedTexts(**outputs))
         start = stop
     return results
 
 
-def encode_jobs(model: M3Model, jobs: Sequence[EncodeJob]) -> list[EncodedTexts | Exception]:
-    """Results of `jobs` in order: one `encode` per max_length among them (usually one in all).
+def _sorted_row(rows: Any, row: int) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = rows.indptr[row], rows.indptr[row + 1]
+    order = np.argsort(rows.indices[lo:hi], kind="stable")
+    return rows.indices[lo:hi][order], rows.values[lo:hi][order]
 
-    Jobs are checked before they get here; should an `encode` still fail, its jobs are encoded
-    again one by one, so the job that fails fails alone and the others batched with it succeed.
+
+def encode_jobs(model: Any, jobs: Sequence[EncodeJob]) -> list[EncodedTexts | Exception]:
+    """Results of `jobs` in order: one `run_ids` for all of them (an `M3Model`'s).
+
+    Jobs are checked before they get here; should the run still fail, the jobs are run again one
+    by one, so the job that fails fails alone and the others batched with it succeed.
     """
-    groups: dict[int, list[int]] = defaultdict(list)
-    for index, job in enumerate(jobs):
-        groups[job.max_length].append(index)
-    results: list[EncodedTexts | Exception | None] = [None] * len(jobs)
-    for indices in groups.values():
-        members = [jobs[i] for i in indices]
+    jobs = list(jobs)
+    try:
+        return list(_encode_group(model, jobs))
+    except Exception as group_error:  # noqa: BLE001 - isolated below, job by job
+        if len(jobs) == 1:
+            return [group_error]
+    results: list[EncodedTexts | Exception] = []
+    for job in jobs:
         try:
-            for i, result in zip(indices, _encode_group(model, members)):
-                results[i] = result
-        except Exception as group_error:  # noqa: BLE001 - isolated below, job by job
-            if len(members) == 1:
-                results[indices[0]] = group_error
-                continue
-            for i, job in zip(indices, members):
-                try:
-                    results[i] = _encode_group(model, [job])[0]
-                except Exception as job_error:  # noqa: BLE001 - this job's own answer
-                    results[i] = job_error
-    return results  # type: ignore[return-value]
+            results.append(_encode_group(model, [job])[0])
+        except Exception as job_error:  # noqa: BLE001 - this job's own answer
+            results.append(job_error)
+    return results
 
 
 class Coalescer:
@@ -171,7 +164,7 @@ class LocalEncoder:
     """An `Encoder` over an in-process `M3Model`, one `encode` per request (no cross-request batching):
     the FastAPI app without Ray, for tests and for embedding the app in another ASGI server."""
 
-    def __init__(self, model: M3Model, model_name: str = "bge-m3") -> None:
+    def __init__(self, model: Any, model_name: str = "bge-m3") -> None:
         self.model = model
         self.model_name = model_name
 

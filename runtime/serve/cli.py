@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from m3rt.errors import InputError
 
 
-def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+def add_serve_parser(sub: Any) -> None:
     """The `serve` verb of `m3rt`."""
     srv = sub.add_parser("serve", help="serve dense, sparse and ColBERT over HTTP on Ray Serve (m3rt[serve])")
     srv.add_argument("artifact", type=Path)

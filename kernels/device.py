@@ -26,6 +26,7 @@ from m3rt.errors import BackendError, InputError
 from m3rt.kernels.cuda_api import (
     CAPTURE_GATE,
     INSTALL_HINT,
+    NVRTC_OUT_OF_MEMORY,
     as_text,
     check,
     check_driver,
@@ -64,7 +65,11 @@ NVRTC_HINT = (
 
 
 def _nvrtc_call(nvrtc, result: tuple, what: str) -> Any:
-    return unpack(result, lambda err: f"NVRTC {what} failed: {as_text(nvrtc.nvrtcGetErrorString(err)[1])}")
+    return unpack(
+        result,
+        lambda err: f"NVRTC {what} failed: {as_text(nvrtc.nvrtcGetErrorString(err)[1])}",
+        out_of_memory=NVRTC_OUT_OF_MEMORY,
+    )
 
 
 def read_sources() -> dict[str, bytes]:

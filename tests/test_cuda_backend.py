@@ -168,16 +168,29 @@ def test_onnxruntime_out_of_memory_errors_are_typed_so_the_batch_is_split(messag
 
 
 def test_cuda_allocation_failures_are_typed_whatever_their_text():
-    """What TensorRT's backend and the device kernels see: cuda-python's (error code, values) tuples."""
-    from m3rt.kernels.cuda_api import unpack
+    """What TensorRT's backend and the device kernels see: cuda-python's (error code, values) tuples,
+    with each API's own codes (cuda-python's enums are the reference: NVRTC's out of memory is 1, its 2
+    is a program creation failure)."""
+    pytest.importorskip("cuda.bindings")
+    from cuda.bindings import driver, nvrtc, runtime
 
-    for api_error_name in ("cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "NVRTC_ERROR_OUT_OF_MEMORY"):
-        with pytest.raises(BackendOutOfMemory, match=api_error_name):
-            unpack((2, None), lambda err, name=api_error_name: f"CUDA error {int(err)} ({name})")
-    with pytest.raises(BackendError) as raised:
-        unpack((700, None), lambda err: f"CUDA error {int(err)} (cudaErrorIllegalAddress)")
-    assert not isinstance(raised.value, BackendOutOfMemory)
-    assert unpack((0, 42), str) == 42
+    from m3rt.kernels.cuda_api import check, check_driver
+    from m3rt.kernels.device import _nvrtc_call
+
+    with pytest.raises(BackendOutOfMemory, match="cudaErrorMemoryAllocation"):
+        check((runtime.cudaError_t.cudaErrorMemoryAllocation, None))
+    with pytest.raises(BackendOutOfMemory, match="CUDA_ERROR_OUT_OF_MEMORY"):
+        check_driver((driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY, None))
+    with pytest.raises(BackendOutOfMemory, match="NVRTC_ERROR_OUT_OF_MEMORY"):
+        _nvrtc_call(nvrtc, (nvrtc.nvrtcResult.NVRTC_ERROR_OUT_OF_MEMORY, None), "nvrtcCompileProgram")
+    for failure in (
+        lambda: _nvrtc_call(nvrtc, (nvrtc.nvrtcResult.NVRTC_ERROR_PROGRAM_CREATION_FAILURE, None), "nvrtcCreateProgram"),
+        lambda: check((runtime.cudaError_t.cudaErrorIllegalAddress, None)),
+    ):
+        with pytest.raises(BackendError) as raised:
+            failure()
+        assert not isinstance(raised.value, BackendOutOfMemory), raised.value
+    assert check((runtime.cudaError_t.cudaSuccess, 42)) == 42
 
 
 def test_an_out_of_memory_batch_is_split_and_nothing_is_lost(tiny_model, texts):

@@ -184,7 +184,7 @@ def test_cuda_allocation_failures_are_typed_whatever_their_text():
     with pytest.raises(BackendOutOfMemory, match="NVRTC_ERROR_OUT_OF_MEMORY"):
         _nvrtc_call(nvrtc, (nvrtc.nvrtcResult.NVRTC_ERROR_OUT_OF_MEMORY, None), "nvrtcCompileProgram")
     for failure in (
-        lambda: _nvrtc_call(nvrtc, (nvrtc.nvrtcResult.NVRTC_ERROR_PROGRAM_CREATION_FAILURE, None), "nvrtcCreateProgram"),
+        lambda: _nvrtc_call(nvrtc, (nvrtc.nvrtcResult.NVRTC_ERROR_PROGRAM_CREATION_FAILURE, None), "create"),
         lambda: check((runtime.cudaError_t.cudaErrorIllegalAddress, None)),
     ):
         with pytest.raises(BackendError) as raised:

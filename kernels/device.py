@@ -16,13 +16,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from m3rt.errors import BackendError, InputError
+from m3rt.errors import BackendError, BackendOutOfMemory, InputError
 from m3rt.kernels.cuda_api import (
     CAPTURE_GATE,
     INSTALL_HINT,
@@ -242,9 +243,9 @@ class DeviceKernels:
         log2 = sparse_table_log2(seq_len)
         slots = batch << log2
         cudart = self._cudart
-        with self._lock, CAPTURE_GATE.shared():
+        with self._lock, CAPTURE_GATE.shared(), self._released_on_out_of_memory(stream):
             self._activate()
-            specials_ptr, num_special = self._upload_specials(special_ids)
+            specials_ptr, num_special = self._upload_specials(special_ids, stream)
             table = self._device("sparse_table", slots * SLOT_BYTES)
             slot_of = self._device("sparse_slot_of", tokens * 4)
             counts = self._device("sparse_counts", batch * 4)
@@ -312,7 +313,7 @@ class DeviceKernels:
             return [np.zeros((int(n), dim), dtype) for n in counts]
         out_bytes = total * dim * dtype.itemsize
         offsets_bytes = (batch + 1) * 8
-        with self._lock, CAPTURE_GATE.shared():
+        with self._lock, CAPTURE_GATE.shared(), self._released_on_out_of_memory(stream):
             self._activate()
             d_offsets = self._device("colbert_offsets", offsets_bytes)
             d_out = self._device("colbert_out", out_bytes)
@@ -339,13 +340,7 @@ class DeviceKernels:
         """Free the scratch buffers and the stream (the compiled module stays loaded for the process)."""
         with self._lock, CAPTURE_GATE.shared():
             self._activate()
-            for ptr, _ in self._device_buffers.values():
-                self._cudart.cudaFree(ptr)
-            for ptr, _ in self._host_buffers.values():
-                self._cudart.cudaFreeHost(ptr)
-            self._device_buffers.clear()
-            self._host_buffers.clear()
-            self._specials = None
+            self._free_scratch()
             if self.stream:
                 self._cudart.cudaStreamDestroy(self.stream)
                 self.stream = 0
@@ -357,6 +352,26 @@ class DeviceKernels:
         self.close()
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _free_scratch(self) -> None:
+        for ptr, _ in self._device_buffers.values():
+            self._cudart.cudaFree(ptr)
+        for ptr, _ in self._host_buffers.values():
+            self._cudart.cudaFreeHost(ptr)
+        self._device_buffers.clear()
+        self._host_buffers.clear()
+        self._specials = None
+
+    @contextmanager
+    def _released_on_out_of_memory(self, stream: int) -> Iterator[None]:
+        """An allocation failure frees every scratch buffer before it propagates: the caller retries
+        smaller parts (m3rt.postprocess splits the batch), which then find the memory free."""
+        try:
+            yield
+        except BackendOutOfMemory:
+            self._cudart.cudaStreamSynchronize(stream)  # nothing of ours may still read the buffers
+            self._free_scratch()
+            raise
 
     def _activate(self) -> None:
         # cudaSetDevice makes the device's primary context current (initialising it, CUDA >= 12),
@@ -384,16 +399,20 @@ class DeviceKernels:
         buffers[name] = (ptr, size)
         return ptr
 
-    def _upload_specials(self, special_ids: Iterable[int]) -> tuple[int, int]:
+    def _upload_specials(self, special_ids: Iterable[int], stream: int) -> tuple[int, int]:
         specials = tuple(int(x) for x in special_ids)
         if not specials:
             return 0, 0
         ptr = self._device("specials", len(specials) * 8)
         if specials != self._specials:
-            # Synchronous: tiny, only when the set changes, and no call of ours is in flight here.
-            data = np.asarray(specials, dtype=np.int64)
+            # On the kernels' stream, from pinned memory: a cudaMemcpy on the legacy stream is not
+            # ordered before work on a non-blocking stream. Every call ends with a synchronize of its
+            # stream, so a later call on another stream finds the copy complete.
+            nbytes = len(specials) * 8
+            host = self._host("specials", nbytes)
+            _host_array(host, nbytes, np.int64)[:] = specials
             kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-            check(self._cudart.cudaMemcpy(ptr, data.ctypes.data, data.nbytes, kind))
+            check(self._cudart.cudaMemcpyAsync(ptr, host, nbytes, kind, stream))
             self._specials = specials
         return ptr, len(specials)
 

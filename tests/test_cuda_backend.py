@@ -416,6 +416,74 @@ def test_outputs_the_kernels_cannot_read_are_reduced_on_the_host():
     assert kernels.calls == {"aggregate_sparse": 0, "compact_colbert": 0}
 
 
+class _ScarceMemoryKernels(HostPointerKernels):
+    """Device kernels whose scratch fits at most `max_rows` rows, and never for outputs at `never`."""
+
+    def __init__(self, max_rows: int, never: set[int]) -> None:
+        super().__init__()
+        self.max_rows, self.never, self.rows_seen = max_rows, never, []
+
+    def _fits(self, ptr: int, rows: int) -> None:
+        self.rows_seen.append(rows)
+        if rows > self.max_rows or ptr in self.never:
+            raise BackendOutOfMemory("CUDA error 2 (cudaErrorMemoryAllocation)")
+
+    def aggregate_sparse(self, weights_ptr, input_ids_ptr, attention_mask_ptr, shape, special_ids, stream=None):
+        self._fits(weights_ptr, int(shape[0]))
+        return super().aggregate_sparse(weights_ptr, input_ids_ptr, attention_mask_ptr, shape, special_ids, stream)
+
+    def compact_colbert(self, colbert_ptr, shape, counts, stream=None, fp16=False):
+        self._fits(colbert_ptr, int(shape[0]))
+        return super().compact_colbert(colbert_ptr, shape, counts, stream, fp16)
+
+
+def test_device_scratch_out_of_memory_splits_the_rows_and_loses_nothing():
+    lengths, batch, dense, sparse, colbert = _seam_case(2)
+    inputs = (_host_device_array(batch.input_ids), _host_device_array(batch.attention_mask))
+    on_device = {
+        "dense_vecs": _host_device_array(dense, inputs),
+        "sparse_weights": _host_device_array(sparse, inputs),
+        "colbert_vecs": _host_device_array(colbert, inputs),
+    }
+    # Row 3 never fits (its halves end at one row): it is reduced on the host, the rest on the "device".
+    never = {on_device["sparse_weights"].rows(3, 4).ptr, on_device["colbert_vecs"].rows(3, 4).ptr}
+    kernels = _ScarceMemoryKernels(max_rows=1, never=never)
+    post = PostProcessor((0, 1, 2, 3), device_kernels=lambda device: kernels)
+    _, got_sparse, got_colbert = _collect(batch, on_device, post)
+    assert sorted(set(kernels.rows_seen)) == [1, 2, 4]
+    for row, n in enumerate(lengths):  # FlagEmbedding's rules, written out independently
+        want = reference_rules.lexical_weights(sparse[row, :n], batch.input_ids[row, :n], {0, 1, 2, 3})
+        got = got_sparse.to_dicts()[row]
+        assert list(got) == list(want) and all(np.float32(got[k]) == np.float32(w) for k, w in want.items())
+        assert np.array_equal(got_colbert[row], reference_rules.colbert_rows(colbert[row], batch.attention_mask[row]))
+
+
+def test_device_rows_are_views_of_the_same_memory():
+    source = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
+    ids = np.arange(12, dtype=np.int64).reshape(4, 3)
+    device = _host_device_array(source, (_host_device_array(ids), _host_device_array(ids)))
+    part = device.rows(1, 3)
+    assert part.shape == (2, 3, 2) and np.array_equal(part.to_host(), source[1:3])
+    assert np.array_equal(part.batch_inputs[0].to_host(), ids[1:3]) and part.owner is device.owner
+    assert device.rows(3, 9).shape == (1, 3, 2) and device.rows(4, 4).shape == (0, 3, 2)
+
+
+@pytest.mark.parametrize("failure", [AttributeError("module 'cuda.bindings.driver' has no attribute 'cuLaunchKernel'"),
+                                     BackendError("libnvrtc was not found")])  # fmt: skip
+def test_any_device_kernel_setup_failure_falls_back_to_host_post_processing(fused, iobinding_models, texts, failure):
+    bound, plain = iobinding_models
+
+    def broken(device: int):
+        raise failure
+
+    backend = OnnxRuntimeCudaBackend(fused / "model.fp16.fused.onnx", device=HostDevice(), cuda_graph=False)
+    post = PostProcessor(bound.unused_ids, device_kernels=broken)
+    with M3Model(bound.manifest, backend, bound.tokenizer, postprocessor=post) as model:  # load does not abort
+        assert any(type(failure).__name__ in note and "copied to the host" in note for note in model.notes)
+        _assert_same(model.encode(texts, batch_size=4, **ALL), plain.encode(texts, batch_size=4, **ALL))
+        assert post.active_devices == []
+
+
 def test_a_device_array_converts_by_copying():
     source = np.arange(6, dtype=np.float32).reshape(2, 3)
     device = _host_device_array(source)

@@ -22,6 +22,7 @@ from m3rt.backends.onnxruntime import OnnxRuntimeBackend, backend_error
 from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend, cuda_unavailable_reason
 from m3rt.device_array import DeviceArray
 from m3rt.export.artifact import ExportOptions, export_artifact
+from m3rt.export.onnx_graph import export_graph
 from m3rt.export.validate import Tolerance
 from m3rt.fidelity import DEFAULT_GATES, compare_outputs
 from m3rt.postprocess import OutputCollector, PostProcessor
@@ -83,6 +84,39 @@ def test_fused_file_is_fp16_with_the_fused_ops(fused):
     assert onnx.TensorProto.FLOAT16 in {t.data_type for t in model.graph.initializer if len(t.dims) == 2}
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+
+
+def _with_one_attention_block_unfusable(export_graph):
+    """The exporter, with one more node (x * 1) before the last layer's Softmax: the same model, but an
+    attention subgraph the optimizer's pattern no longer matches (as a different exporter's would)."""
+    from onnx import helper, numpy_helper
+
+    def export(reference, out_path, **kwargs):
+        files = export_graph(reference, out_path, **kwargs)
+        model = onnx.load(str(out_path))
+        softmax = [n for n in model.graph.node if n.op_type == "Softmax"][-1]
+        model.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "test_one"))
+        scale = helper.make_node("Mul", [softmax.input[0], "test_one"], ["test_scaled"], name="test_mul")
+        softmax.input[0] = "test_scaled"
+        model.graph.node.insert(list(model.graph.node).index(softmax), scale)
+        onnx.save(model, str(out_path))
+        return files
+
+    return export
+
+
+def test_an_attention_block_left_unfused_fails_the_export(tiny, tmp_path, monkeypatch):
+    import m3rt.export.artifact as artifact_module
+    from m3rt.export.fused import FusionError
+
+    monkeypatch.setattr(artifact_module, "export_graph", _with_one_attention_block_unfusable(export_graph))
+    out = tmp_path / "artifact"
+    with pytest.raises(FusionError, match=r"fused 1 of 2 attention blocks"):
+        export_artifact(ExportOptions(model=str(tiny[0]), output=out, fused=True, fused_cpu_fidelity=False))
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written is left to serve
+    # Without --fused the same graph exports (it is a correct graph, only not fusable).
+    export_artifact(ExportOptions(model=str(tiny[0]), output=out))
+    assert (out / "m3rt.json").is_file()
 
 
 def test_the_cpu_never_runs_the_cuda_only_graph(fused):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from m3rt.benchmarks import bench, gpu_check
 
 
@@ -21,9 +23,14 @@ def test_dry_run_runs_every_cpu_step_and_writes_the_report(tiny, tmp_path, capsy
     assert steps["gpu_tests"]["status"] == "skipped"
     assert steps["export"]["fused_operators"]["Attention"] == 2
     scenarios = steps["scenarios"]
-    for name in ("latency", "documents", "throughput", "profile"):
+    for name in ("latency", "documents", "throughput", "profile", "variants"):
         assert scenarios[name]["status"] == "ok", (name, scenarios[name])
-    assert scenarios["variants"]["status"] == "skipped"  # the fused graph is CUDA-only
+    # The lean export has no plain fp16 graph: the variants scenario converted one into the work folder.
+    variants = scenarios["variants"]
+    assert (work / "variants" / "model.fp16.onnx").is_file() and variants["long"] == "2x256"
+    for row in (variants["4x64"], variants["2x256"]):
+        ratio = row["fused_fp16_tokens_per_s"] / row["plain_fp16_tokens_per_s"]
+        assert row["fused_over_plain"] == pytest.approx(ratio) and row["plain_fp16_tokens_per_s"] > 0
     assert scenarios["latency"]["tokens"] == [16]
     profile = scenarios["profile"]
     assert profile["tokens"] <= profile["padded_tokens"] and profile["postprocess_s"] > 0
@@ -65,3 +72,54 @@ def test_the_gpu_check_runs_every_module_with_gpu_tests():
         if p.name != Path(__file__).name and "pytest.mark.gpu" in p.read_text(encoding="utf-8")
     }
     assert with_gpu_tests == set(gpu_check.GPU_TESTS)
+
+
+FAKE_GPU_TESTS = '''
+import json, os, time
+from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+def _record(name, figures):
+    folder = Path(os.environ["M3RT_GPU_FIGURES"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(figures))
+
+
+def test_measures_and_passes():
+    _record("first", {"dense_cos_min": 0.9995})
+
+
+def test_measures_and_fails():
+    _record("second", {"colbert_cos_mean": 0.5})
+    assert False, "below the gate"
+
+
+def test_hangs():
+    time.sleep(__SLEEP__)
+'''
+
+
+@pytest.mark.parametrize("hang_s", [0, 60])
+def test_a_failing_or_timed_out_gpu_test_step_keeps_every_figure(tmp_path, hang_s):
+    module = tmp_path / "fake_gpu_tests.py"
+    module.write_text(FAKE_GPU_TESTS.replace("__SLEEP__", str(hang_s)))
+    out = tmp_path / "out"
+    run = gpu_check.Run(gpu_check.build_parser().parse_args(["--out", str(out), "--work", str(tmp_path / "w")]))
+    run.results.update(artifact="unused", checkpoint="unused")
+    run.step("gpu_tests", lambda: gpu_check.step_gpu_tests(run, (str(module),), timeout_s=20), needs_s=0)
+    saved = json.loads((out / "gpu_check.json").read_text())["steps"]["gpu_tests"]
+    assert saved["status"] == "failed"
+    assert saved["figures"] == {"first": {"dense_cos_min": 0.9995}, "second": {"colbert_cos_mean": 0.5}}
+    outcomes = {name.split("::")[-1]: outcome for name, outcome in saved["outcomes"].items()}
+    assert outcomes["test_measures_and_passes"] == "PASSED" and outcomes["test_measures_and_fails"] == "FAILED"
+    if hang_s:
+        assert "timed out after 20 s" in saved["error"] and "test_hangs" not in outcomes
+        assert saved["returncode"] is None and saved["failures"] == 1
+    else:
+        assert outcomes["test_hangs"] == "PASSED" and saved["returncode"] == 1 and saved["failures"] == 1
+    # The failure's report was written when it happened, not at the end a killed run never reaches.
+    (failed,) = saved["failed_tests"]
+    assert failed["test"].endswith("test_measures_and_fails") and "below the gate" in failed["report"]

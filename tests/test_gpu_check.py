@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from m3rt.benchmarks import bench, gpu_check
@@ -77,6 +78,7 @@ def test_the_gpu_check_runs_every_module_with_gpu_tests():
 FAKE_GPU_TESTS = '''
 import json, os, time
 from pathlib import Path
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
@@ -123,3 +125,22 @@ def test_a_failing_or_timed_out_gpu_test_step_keeps_every_figure(tmp_path, hang_
     # The failure's report was written when it happened, not at the end a killed run never reaches.
     (failed,) = saved["failed_tests"]
     assert failed["test"].endswith("test_measures_and_fails") and "below the gate" in failed["report"]
+
+
+def test_the_full_model_gate_catches_colbert_and_sparse_defects_the_dense_gate_misses(tiny_model, texts):
+    """The full-size gate (tests/test_gpu_full_model.py) on real outputs of the tiny model: identical
+    outputs pass; ColBERT vectors shifted by one token (an off-by-one in the compaction) or sparse
+    weights losing their smaller tokens pass the dense-only gate and fail this one."""
+    from test_gpu_full_model import below_limits
+
+    from m3rt.fidelity import DEFAULT_GATES, compare_outputs
+
+    out = tiny_model.encode(texts, return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    assert below_limits(compare_outputs(out, out)) == []
+    shifted = {**out, "colbert_vecs": [np.roll(v, 1, axis=0) for v in out["colbert_vecs"]]}
+    halves = [dict(sorted(w.items(), key=lambda kv: -kv[1])[: len(w) // 2]) for w in out["lexical_weights"]]
+    thinned = {**out, "lexical_weights": halves}
+    for broken, metric in ((shifted, "colbert_cos"), (thinned, "sparse_jaccard")):
+        figures = compare_outputs(broken, out)
+        assert not DEFAULT_GATES["fp16"].failures(figures)  # dense alone sees nothing wrong
+        assert any(failure.startswith(metric) for failure in below_limits(figures)), figures

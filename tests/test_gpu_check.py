@@ -144,3 +144,121 @@ def test_the_full_model_gate_catches_colbert_and_sparse_defects_the_dense_gate_m
         figures = compare_outputs(broken, out)
         assert not DEFAULT_GATES["fp16"].failures(figures)  # dense alone sees nothing wrong
         assert any(failure.startswith(metric) for failure in below_limits(figures)), figures
+
+
+# ---------------------------------------------------------------------- the GPU host's job (gpu_host.py)
+
+PROBE = "m3rt_staged_probe"
+
+
+def _wheel(folder, version: str = "1.31.1"):
+    """A small real wheel (pip installs it) with a random payload, so that its parts differ."""
+    import base64
+    import hashlib
+    import os
+    import zipfile
+
+    info = f"{PROBE}-{version}.dist-info"
+    files = {
+        f"{PROBE}/__init__.py": f"__version__ = {version!r}\n".encode(),
+        f"{PROBE}/payload.bin": os.urandom(200_003),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {PROBE}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+        for name, data in files.items()
+    ]
+    files[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
+    wheel = folder / f"{PROBE}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return wheel
+
+
+def _stage(tmp_path, tokenizer_bytes: bytes):
+    """What split-onnxruntime-gpu.sh stages, made the same way (split -n 6 -d -a 1, xz, sha256)."""
+    import hashlib
+    import lzma
+    import shutil
+    import subprocess
+
+    wheel = _wheel(tmp_path)
+    staged = tmp_path / "st"
+    staged.mkdir()
+    if shutil.which("split"):
+        subprocess.run(["split", "-n", "6", "-d", "-a", "1", str(wheel), str(staged / "p")], check=True)
+    else:
+        data = wheel.read_bytes()
+        size = len(data) // 6
+        for k in range(6):
+            (staged / f"p{k}").write_bytes(data[k * size : (k + 1) * size if k < 5 else len(data)])
+    (staged / "wheel.sha256").write_text(hashlib.sha256(wheel.read_bytes()).hexdigest() + "\n")
+    (staged / "tokenizer.json.xz").write_bytes(lzma.compress(tokenizer_bytes, preset=9))
+    assert sorted(p.name for p in staged.glob("p*")) == [f"p{k}" for k in range(6)]
+    return wheel, staged
+
+
+def _host_args(tmp_path, wheel, staged, *extra):
+    return [
+        "--out", str(tmp_path / "OUT"), "--staged", str(staged), "--wheel", wheel.name,
+        "--wheel-dir", str(tmp_path / "assembled"), "--module", PROBE, "--site", str(tmp_path / "site"),
+        "--work", str(tmp_path / "work"), *extra,
+    ]  # fmt: skip
+
+
+def test_the_host_job_installs_the_staged_parts_and_runs_the_dry_check(tiny, tmp_path):
+    import tarfile
+
+    from m3rt.benchmarks import gpu_host
+
+    tokenizer = (tiny[0] / "tokenizer.json").read_bytes()
+    wheel, staged = _stage(tmp_path, tokenizer)
+    args = _host_args(tmp_path, wheel, staged, "--dry-run", "--deadline-s", "400", "--", "--checkpoint", str(tiny[0]))
+    assert gpu_host.main(args) == 0
+    out = tmp_path / "OUT"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_results.tar.gz", "host.log"]
+    log = (out / "host.log").read_text()
+    assert "matches wheel.sha256" in log and f"{PROBE} 1.31.1 from {tmp_path / 'site'}" in log
+    assert (tmp_path / "assembled" / wheel.name).read_bytes() == wheel.read_bytes()
+    assert (staged / "tokenizer.json").read_bytes() == tokenizer
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry_run"] and report["steps"]["export"]["status"] == "ok"
+    assert "--budget-s" in log and "DRY RUN" in (out / "gpu_check.md").read_text()
+    with tarfile.open(out / "gpu_results.tar.gz") as archive:
+        assert "gpu_results/gpu_check.json" in archive.getnames()
+    # The same wheel again (a second run on a warm host): not reinstalled.
+    job = gpu_host.Job(gpu_host.build_parser().parse_args(_host_args(tmp_path, wheel, staged)))
+    digest = gpu_host.sha256(wheel)
+    assert gpu_host.install(wheel, tmp_path / "site", PROBE, digest, job).startswith(f"{PROBE} 1.31.1")
+    job.close()
+    assert "already holds this wheel" in (out / "host.log").read_text()
+
+
+@pytest.mark.parametrize("damage", ["byte_flipped", "part_missing", "part_extra", "tokenizer_not_xz"])
+def test_damaged_staging_fails_before_the_check_with_a_clear_log(tmp_path, damage):
+    from m3rt.benchmarks import gpu_host
+
+    wheel, staged = _stage(tmp_path, b'{"model": {}}')
+    if damage == "byte_flipped":
+        data = bytearray((staged / "p3").read_bytes())
+        data[100] ^= 0xFF
+        (staged / "p3").write_bytes(bytes(data))
+    elif damage == "part_missing":
+        (staged / "p4").unlink()
+    elif damage == "part_extra":
+        (staged / "p6").write_bytes(b"x")
+    else:
+        (staged / "tokenizer.json.xz").write_bytes(b'{"model": {}}')
+    assert gpu_host.main(_host_args(tmp_path, wheel, staged)) == 2
+    log = (tmp_path / "OUT" / "host.log").read_text()
+    expected = {
+        "byte_flipped": "wheel.sha256 says",
+        "part_missing": "staged parts missing",
+        "part_extra": "parts beyond p5: p6",
+        "tokenizer_not_xz": "is not an xz-compressed tokenizer.json",
+    }[damage]
+    assert "staging failed: " in log and expected in log, log
+    assert not (tmp_path / "OUT" / "gpu_check.json").exists()
+    assert (tmp_path / "site").exists() == (damage == "tokenizer_not_xz")  # installed only from a good wheel

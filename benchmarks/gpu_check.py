@@ -19,6 +19,7 @@ Steps, in this order, each under what is left of `--budget-s`:
                   CUDA graphs against plain runs; then the device kernels against the CPU kernels and
                   the tiny model's CUDA tests. Each test writes the figures it asserted on as it ends,
                   and the log records each outcome as it comes, so a failure or a time-out keeps them.
+                  When the export failed, the device kernels' tests still run (they need no artifact).
   scenarios       `m3-bench --scenarios` (m3rt.benchmarks.scenarios): latency, documents, throughput,
                   profile, variants, with what is left of the budget; saved after each scenario
 
@@ -185,6 +186,7 @@ def step_export(run: Run) -> dict[str, Any]:
 # figures), then the kernels and the tiny model's CUDA tests. Collecting only these keeps the host's
 # missing test-only packages (FlagEmbedding) from failing the collection.
 GPU_TESTS = ("tests/test_gpu_full_model.py", "tests/test_cuda_kernels.py", "tests/test_cuda_backend.py")
+KERNEL_TESTS = ("tests/test_cuda_kernels.py",)
 _OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 
 
@@ -197,15 +199,15 @@ def step_gpu_tests(run: Run, modules: tuple[str, ...] = GPU_TESTS, timeout_s: fl
     figures = run.out / "gpu_test_figures"
     env = {
         **os.environ,
-        "M3RT_GPU_ARTIFACT": run.results["artifact"],
-        "M3RT_GPU_CHECKPOINT": run.results["checkpoint"],
+        "M3RT_GPU_ARTIFACT": run.results.get("artifact", ""),
+        "M3RT_GPU_CHECKPOINT": run.results.get("checkpoint", ""),
         "M3RT_GPU_FIGURES": str(figures),
         "M3RT_TEST_FAILURES": str(run.out / "gpu_test_failures.jsonl"),
         "PYTHONUNBUFFERED": "1",
     }
     report, log = run.out / "gpu_tests.xml", run.out / "gpu_tests.log"
     cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={report}"]
-    cmd += ["-p", "m3rt.benchmarks.live_failures"]  # each failure's traceback as it happens
+    cmd += ["-p", "m3rt.benchmarks.gpu_pytest_plugin"]  # torch first; each failure's report as it happens
     # This run's figures and failures only, whatever an earlier run left in --out.
     shutil.rmtree(figures, ignore_errors=True)
     Path(env["M3RT_TEST_FAILURES"]).unlink(missing_ok=True)
@@ -332,11 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args)
     run.step("environment", lambda: step_environment(run), 0)
     export = run.step("export", lambda: step_export(run), 0)
+    if run.dry:
+        run.results["steps"]["gpu_tests"] = {"status": "skipped", "reason": "dry run: no GPU"}
+    elif export["status"] == "ok":
+        run.step("gpu_tests", lambda: step_gpu_tests(run), 30)
+    else:  # the device kernels need no artifact: their tests still tell something about this GPU
+        run.step("gpu_tests", lambda: step_gpu_tests(run, KERNEL_TESTS), 30)
     if export["status"] == "ok":
-        if run.dry:
-            run.results["steps"]["gpu_tests"] = {"status": "skipped", "reason": "dry run: no GPU"}
-        else:
-            run.step("gpu_tests", lambda: step_gpu_tests(run), 30)
         run.step("scenarios", lambda: step_scenarios(run), 20 if not run.dry else 0)
     text = summary(run)
     (run.out / "gpu_check.md").write_text(

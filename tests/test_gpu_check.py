@@ -262,3 +262,15 @@ def test_damaged_staging_fails_before_the_check_with_a_clear_log(tmp_path, damag
     assert "staging failed: " in log and expected in log, log
     assert not (tmp_path / "OUT" / "gpu_check.json").exists()
     assert (tmp_path / "site").exists() == (damage == "tokenizer_not_xz")  # installed only from a good wheel
+
+
+def test_a_failed_export_still_runs_the_kernel_tests_and_no_scenario(tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "no-such-checkpoint"
+    argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--checkpoint", str(missing), "--budget-s", "300"]
+    assert gpu_check.main(argv) == 1
+    steps = json.loads((out / "gpu_check.json").read_text())["steps"]
+    assert steps["export"]["status"] == "failed" and "scenarios" not in steps
+    tests = steps["gpu_tests"]
+    assert tests["status"] == "ok", tests.get("error")  # here every kernel test skips: no GPU
+    assert tests["outcomes"] and all(name.startswith("tests/test_cuda_kernels.py::") for name in tests["outcomes"])

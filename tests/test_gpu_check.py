@@ -215,7 +215,13 @@ def test_the_host_job_installs_the_staged_parts_and_runs_the_dry_check(tiny, tmp
 
     tokenizer = (tiny[0] / "tokenizer.json").read_bytes()
     wheel, staged = _stage(tmp_path, tokenizer)
-    args = _host_args(tmp_path, wheel, staged, "--dry-run", "--deadline-s", "400", "--", "--checkpoint", str(tiny[0]))
+    # As on the host: the last transfer's files (p5, the checksum, the tokenizer) arrive with the job.
+    carried = tmp_path / ".ortgpu"
+    carried.mkdir()
+    for name in ("p5", "wheel.sha256", "tokenizer.json.xz"):
+        (staged / name).rename(carried / name)
+    args = _host_args(tmp_path, wheel, staged, "--collect", str(carried), "--dry-run", "--deadline-s", "400")
+    args += ["--", "--checkpoint", str(tiny[0])]
     assert gpu_host.main(args) == 0
     out = tmp_path / "OUT"
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_results.tar.gz", "host.log"]

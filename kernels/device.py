@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from m3rt.errors import BackendError, BackendOutOfMemory, InputError
+from m3rt.kernels.colbert import colbert_counts, split_colbert
 from m3rt.kernels.cuda_api import (
     CAPTURE_GATE,
     INSTALL_HINT,
@@ -37,7 +38,7 @@ from m3rt.kernels.cuda_api import (
     runtime_api,
     unpack,
 )
-from m3rt.kernels.sparse import SparseRows
+from m3rt.kernels.sparse import SparseRows, aggregate_sparse
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 HEADER = "m3rt_kernels.cuh"
@@ -344,6 +345,50 @@ class DeviceKernels:
             if self.stream:
                 self._cudart.cudaStreamDestroy(self.stream)
                 self.stream = 0
+
+    def self_check(self) -> None:
+        """Run both kernels once on a small batch and compare with the CPU kernels, bit for bit.
+
+        What compiles and loads can still fail at its first launch, or launch and compute nothing (a
+        cuda-python whose launch API takes its arguments differently): checked here, at set-up, so
+        that the post-processor falls back to the host with a note instead of failing every batch.
+        BackendError says what differed.
+        """
+        ids = np.array([[0, 7, 9, 7, 2, 1], [0, 5, 2, 1, 1, 1]], np.int64)
+        mask = (ids != 1).astype(np.int64)
+        weights = np.array([[0.5, 0.25, 0.75, 1.5, 0.1, 9.0], [0.3, 2.0, 0.2, 9.0, 9.0, 9.0]], np.float32)
+        vecs = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4) / 8
+        arrays = [np.ascontiguousarray(a) for a in (weights, ids, mask, vecs)]
+        cudart, kind = self._cudart, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        pointers: list[int] = []
+        try:
+            with self._lock, CAPTURE_GATE.shared():
+                self._activate()
+                for array in arrays:
+                    pointers.append(int(check(cudart.cudaMalloc(array.nbytes))))
+                    check(cudart.cudaMemcpyAsync(pointers[-1], array.ctypes.data, array.nbytes, kind, self.stream))
+                check(cudart.cudaStreamSynchronize(self.stream))
+            w_ptr, ids_ptr, mask_ptr, vecs_ptr = pointers
+            sparse = self.aggregate_sparse(w_ptr, ids_ptr, mask_ptr, weights.shape, (0, 1, 2, 3))
+            colbert = self.compact_colbert(vecs_ptr, vecs.shape, colbert_counts(mask))
+        finally:
+            with CAPTURE_GATE.shared():
+                for ptr in pointers:
+                    cudart.cudaFree(ptr)
+        want_sparse = aggregate_sparse(weights, ids, mask, (0, 1, 2, 3))
+        want_colbert = split_colbert(vecs, mask)
+        same_sparse = all(
+            np.array_equal(getattr(sparse, k), getattr(want_sparse, k)) for k in ("indptr", "indices", "values")
+        )
+        same_colbert = len(colbert) == len(want_colbert) and all(
+            g.shape == w.shape and np.array_equal(g, w) for g, w in zip(colbert, want_colbert)
+        )
+        if not (same_sparse and same_colbert):
+            wrong = [name for name, ok in (("sparse", same_sparse), ("ColBERT", same_colbert)) if not ok]
+            raise BackendError(
+                f"the device kernels' {' and '.join(wrong)} results differ from the CPU kernels' on a small "
+                f"check batch (arch {self.arch}; a cuda-python launch API this code does not match?)"
+            )
 
     def __enter__(self) -> DeviceKernels:
         return self

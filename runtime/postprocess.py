@@ -126,7 +126,13 @@ def _row_slice(batch: Batch, start: int, stop: int) -> Batch:
 def default_device_kernels(device: int) -> Any:
     from m3rt.kernels.device import DeviceKernels
 
-    return DeviceKernels(device)
+    kernels = DeviceKernels(device)
+    try:
+        kernels.self_check()  # a first launch that fails or computes nothing fails here, at set-up
+    except BaseException:
+        kernels.close()
+        raise
+    return kernels
 
 
 class PostProcessor:

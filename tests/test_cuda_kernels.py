@@ -360,3 +360,23 @@ def test_an_allocation_failure_frees_the_scratch_so_smaller_parts_fit(recorded):
         kernels.compact_colbert(0, (4, 8191, 1024), [8191] * 4)
     assert kernels.scratch == {}
     kernels.close()
+
+
+def test_kernels_that_launch_but_compute_nothing_fail_set_up_and_the_host_takes_over(recorded):
+    # The stand-in launches nothing for real: what a cuda-python whose launch API this code does not
+    # match would look like. The set-up's check batch catches it, the post-processor notes it and
+    # reduces on the host, and the kernels' stream and buffers are released.
+    from m3rt.postprocess import PostProcessor
+
+    cuda = recorded
+    post = PostProcessor((0, 1, 2, 3))
+    assert post.kernels_for(0) is None
+    (note,) = post.notes
+    assert "BackendError" in note and "sparse and ColBERT results differ from the CPU kernels'" in note
+    assert cuda.device_ptrs == set() and cuda.pinned_ptrs == set()
+    assert cuda.unordered_reads() == []
+
+
+@pytest.mark.gpu
+def test_the_set_up_check_passes_on_a_gpu(gpu_kernels):
+    gpu_kernels.self_check()

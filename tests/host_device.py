@@ -7,6 +7,11 @@ arrays are `HostArray`s; `HostPointerKernels` has `DeviceKernels`' interface ove
 computed by the CPU kernels, so the post-processor's device path (dispatch, pointers, shapes,
 keep-alive) runs for real. The CUDA kernels themselves are checked against the CPU kernels in
 tests/test_cuda_kernels.py.
+
+`RecordingCuda` stands in for cuda-python's runtime and driver modules under `DeviceKernels` itself:
+allocations are host memory, copies copy, kernel launches are recorded with their stream and
+arguments but not run. `unordered_reads()` reports a kernel that reads a buffer whose host->device
+copy is not ordered before it (another stream, no synchronize between).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Without a GPU the kernels still run: tests/cuda_emulation.cpp compiles the same sources as host C++
 (one std::thread per CUDA thread) and the results are compared exactly with the CPU kernels. The
-`gpu` tests run the real thing through `m3rt.kernels.device`.
+`gpu` tests run the real thing through `m3rt.kernels.device`. What `DeviceKernels` enqueues, on which
+stream and in which order, its out-of-memory path and its set-up check run here on a recording
+stand-in for cuda-python (tests/host_device.py).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def test_the_gpu_check_runs_every_module_with_gpu_tests():
     assert with_gpu_tests == set(gpu_check.GPU_TESTS)
 
 
-FAKE_GPU_TESTS = '''
+FAKE_GPU_TESTS = """
 import json, os, time
 from pathlib import Path
 import numpy as np
@@ -101,7 +101,7 @@ def test_measures_and_fails():
 
 def test_hangs():
     time.sleep(__SLEEP__)
-'''
+"""
 
 
 @pytest.mark.parametrize("hang_s", [0, 60])

@@ -308,6 +308,18 @@ def summary(run: Run) -> str:
     return table(rows, ("check", "measured", "target", "verdict"))
 
 
+def write_report(run: Run, killed: bool = False) -> str:
+    """gpu_check.md: the short table, and what kind of run it comes from."""
+    text = summary(run)
+    title = "# m3rt GPU check"
+    if run.dry:
+        title += " (DRY RUN: tiny model on the CPU; no figure here is a GPU figure)"
+    if killed:
+        title += " (killed before its end: what gpu_check.json had saved by then)"
+    (run.out / "gpu_check.md").write_text(f"{title}\n\n{text}\n\nDetails: gpu_check.json\n")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="results folder (small files only)")
@@ -322,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rebuild", action="store_true", help="re-export even when --work holds a finished export")
     parser.add_argument("--checkpoint", type=Path, help="use this BGE-M3-layout checkpoint instead of writing one")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: tiny model, scenarios on the CPU, no gpu tests")
+    parser.add_argument("--report-only", action="store_true", help="only write gpu_check.md from gpu_check.json")
     return parser
 
 
@@ -333,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
         os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv])
     run = Run(args)
+    if args.report_only:  # the table of a run that was killed before it wrote one
+        run.results = json.loads((run.out / "gpu_check.json").read_text())
+        run.dry = bool(run.results.get("dry_run"))
+        print(write_report(run, killed=True))
+        return 0
     run.step("environment", lambda: step_environment(run), 0)
     export = run.step("export", lambda: step_export(run), 0)
     if run.dry:
@@ -343,11 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         run.step("gpu_tests", lambda: step_gpu_tests(run, KERNEL_TESTS), 30)
     if export["status"] == "ok":
         run.step("scenarios", lambda: step_scenarios(run), 20 if not run.dry else 0)
-    text = summary(run)
-    (run.out / "gpu_check.md").write_text(
-        "# m3rt GPU check" + (" (DRY RUN: tiny model on the CPU; no figure here is a GPU figure)" if run.dry else "")
-        + "\n\n" + text + "\n\nDetails: gpu_check.json\n"
-    )  # fmt: skip
+    text = write_report(run)
     run.save()
     print()
     if run.dry:

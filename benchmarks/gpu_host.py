@@ -140,8 +140,7 @@ def install(wheel: Path, site: Path, module: str, digest: str, job: Job) -> str:
             raise StagingError(f"pip install of {wheel.name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         mark.write_text(digest + "\n")
     probe = f"import {module}, sys; print(getattr({module}, '__version__', '?'), {module}.__file__)"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env(site))
     if proc.returncode != 0:
         raise StagingError(f"import {module} from {site} failed: {proc.stderr[-2000:]}")
     version, _, location = proc.stdout.strip().partition(" ")
@@ -165,23 +164,25 @@ def unpack_tokenizer(archive: Path, target: Path) -> Path:
     return target
 
 
+def _env(site: Path) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
 def run_check(job: Job, site: Path, tokenizer: Path | None) -> int:
     """gpu_check.py under what is left of the deadline; its output goes to the log as it comes."""
     args = job.args
     budget = args.deadline_s - job.elapsed() - args.pack_reserve_s
     if budget < 60:
         raise StagingError(f"only {budget:.0f} s left for the check")
-    job.results.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(job.results, ignore_errors=True)  # this run's results only
+    job.results.mkdir(parents=True)
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(job.results)]
     cmd += ["--work", str(Path(args.work) / "check"), "--budget-s", f"{budget:.0f}"]
     cmd += ["--tokenizer", str(tokenizer)] if tokenizer else []
     cmd += ["--dry-run"] if args.dry_run else []
     cmd += args.check_args
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = _env(site)
     job.log(f"check: {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -204,7 +205,14 @@ def run_check(job: Job, site: Path, tokenizer: Path | None) -> int:
 
 
 def pack(job: Job) -> list[str]:
-    """A few files in --out: the table, the figures, this log, and one archive of all the check wrote."""
+    """A few files in --out: the table, the figures, this log, and one archive of all the check wrote.
+    A check killed before its end left no table: it is written from the figures it had saved."""
+    figures, table = job.results / "gpu_check.json", job.results / "gpu_check.md"
+    if figures.is_file() and not table.is_file():
+        cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--report-only", "--out", str(job.results)]
+        cmd += ["--work", str(Path(job.args.work) / "check")]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, env=_env(job.args.site))
+        job.log(f"pack: the table from the saved figures ({proc.returncode}): {proc.stderr[-500:]}")
     written = []
     for name in ("gpu_check.md", "gpu_check.json"):
         if (job.results / name).is_file():

@@ -280,3 +280,29 @@ def test_a_failed_export_still_runs_the_kernel_tests_and_no_scenario(tmp_path, c
     tests = steps["gpu_tests"]
     assert tests["status"] == "ok", tests.get("error")  # here every kernel test skips: no GPU
     assert tests["outcomes"] and all(name.startswith("tests/test_cuda_kernels.py::") for name in tests["outcomes"])
+
+
+def test_a_check_killed_before_its_end_still_gets_its_table_from_the_saved_figures(tmp_path):
+    from m3rt.benchmarks import gpu_host
+
+    job = gpu_host.Job(gpu_host.build_parser().parse_args(["--out", str(tmp_path / "OUT"), "--work", str(tmp_path)]))
+    job.results.mkdir(parents=True)
+    saved = {  # what gpu_check.json holds when the host's limit kills the check during the scenarios
+        "dry_run": False,
+        "steps": {
+            "gpu_tests": {
+                "status": "ok", "tests": 30, "failures": 0, "skipped": 1,
+                "figures": {"fused_fp16_vs_pytorch_fp32": {"dense_cos_min": 0.99931, "colbert_cos_mean": 0.99975,
+                                                            "colbert_cos_min": 0.9961, "sparse_top10_overlap": 0.98}},
+            },
+            "scenarios": {"status": "running", "latency": {"status": "ok", "m3rt_e2e": {"p50_ms": 0.93},
+                                                           "target": {"met": True}}},
+        },
+    }  # fmt: skip
+    (job.results / "gpu_check.json").write_text(json.dumps(saved))
+    assert gpu_host.pack(job) == ["gpu_check.md", "gpu_check.json", "gpu_results.tar.gz"]
+    job.close()
+    table = (tmp_path / "OUT" / "gpu_check.md").read_text()
+    assert "killed before its end" in table and "DRY RUN" not in table
+    assert "0.99931" in table and "0.99975 / 0.99610" in table and "0.98000" in table
+    assert "| batch-1 16 tok e2e p50" in table and "0.93 ms" in table and "PASS" in table

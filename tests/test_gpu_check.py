@@ -306,3 +306,51 @@ def test_a_check_killed_before_its_end_still_gets_its_table_from_the_saved_figur
     assert "killed before its end" in table and "DRY RUN" not in table
     assert "0.99931" in table and "0.99975 / 0.99610" in table and "0.98000" in table
     assert "| batch-1 16 tok e2e p50" in table and "0.93 ms" in table and "PASS" in table
+
+
+FAKE_CHECK = """
+import json, subprocess, sys, time
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+if "--report-only" in sys.argv:
+    (out / "gpu_check.md").write_text("table from " + (out / "gpu_check.json").read_text())
+    sys.exit(0)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+(out / "child.pid").write_text(str(child.pid))
+(out / "gpu_check.json").write_text(json.dumps({"steps": {"export": {"status": "ok"}}}))
+print("exported", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_check_past_its_deadline_is_killed_with_all_it_started_and_its_results_packed(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from m3rt.benchmarks import gpu_host
+
+    fake_repo = tmp_path / "repo"
+    (fake_repo / "benchmarks").mkdir(parents=True)
+    (fake_repo / "benchmarks" / "gpu_check.py").write_text(FAKE_CHECK)
+    monkeypatch.setattr(gpu_host, "REPO", fake_repo)
+    monkeypatch.setattr(gpu_host, "MIN_CHECK_S", 1.0)
+    args = ["--out", str(tmp_path / "OUT"), "--work", str(tmp_path / "work"), "--deadline-s", "4"]
+    job = gpu_host.Job(gpu_host.build_parser().parse_args([*args, "--pack-reserve-s", "0", "--grace-s", "1"]))
+    start = time.monotonic()
+    assert gpu_host.run_check(job, tmp_path / "site", None) == 124
+    assert time.monotonic() - start < 30
+    child = int((job.results / "child.pid").read_text())
+    for _ in range(50):  # reaped by init once killed; gone from the process table soon after
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        with open(f"/proc/{child}/stat") as stat:
+            assert stat.read().split()[2] == "Z", "the check's own child survived it"
+    assert gpu_host.pack(job) == ["gpu_check.md", "gpu_check.json", "gpu_results.tar.gz"]
+    job.close()
+    assert (tmp_path / "OUT" / "gpu_check.md").read_text().startswith("table from")
+    log = (tmp_path / "OUT" / "host.log").read_text()
+    assert "  | exported" in log and "killed" in log

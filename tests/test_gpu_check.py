@@ -73,6 +73,9 @@ def test_the_gpu_check_runs_every_module_with_gpu_tests():
         if p.name != Path(__file__).name and "pytest.mark.gpu" in p.read_text(encoding="utf-8")
     }
     assert with_gpu_tests == set(gpu_check.GPU_TESTS)
+    # The headline figures first: a run cut short by its budget loses the tiny model's tests, not them.
+    assert gpu_check.GPU_TESTS[0] == "tests/test_gpu_full_model.py"
+    assert set(gpu_check.KERNEL_TESTS) < set(gpu_check.GPU_TESTS)
 
 
 FAKE_GPU_TESTS = """

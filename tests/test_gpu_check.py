@@ -357,3 +357,36 @@ def test_a_check_past_its_deadline_is_killed_with_all_it_started_and_its_results
     assert (tmp_path / "OUT" / "gpu_check.md").read_text().startswith("table from")
     log = (tmp_path / "OUT" / "host.log").read_text()
     assert "  | exported" in log and "killed" in log
+
+
+def test_each_scenario_record_is_handed_over_as_soon_as_it_exists(monkeypatch):
+    from m3rt.benchmarks import scenarios
+
+    seen: list[tuple[str, str, list[str]]] = []
+    done: list[str] = []
+
+    def runner(name: str, fail: bool = False):
+        def run(setup):
+            done.append(name)
+            if fail:
+                raise RuntimeError("device lost")
+            return {"value": len(done)}
+
+        return run
+
+    monkeypatch.setattr(
+        scenarios, "RUNNERS", {"latency": runner("latency"), "documents": runner("documents", fail=True)}
+    )
+    monkeypatch.setattr(scenarios, "NEEDS_S", {"latency": 0, "documents": 0, "throughput": 1e9})
+
+    class GpuSetup:
+        on_gpu = True
+
+    results = scenarios.run_scenarios(
+        GpuSetup(), ["latency", "documents", "throughput"], budget_s=100.0, log=lambda _: None,
+        on_result=lambda name, record: seen.append((name, record["status"], list(done))),
+    )  # fmt: skip
+    # Each record arrives before the next scenario starts; the one that no longer fits is skipped.
+    assert seen == [("latency", "ok", ["latency"]), ("documents", "failed", ["latency", "documents"]),
+                    ("throughput", "skipped", ["latency", "documents"])]  # fmt: skip
+    assert results["documents"]["error"] == "RuntimeError: device lost" and results["latency"]["value"] == 1

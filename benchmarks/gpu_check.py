@@ -120,7 +120,10 @@ class Run:
         return record
 
     def save(self) -> None:
-        (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+        # Replaced whole, never half-written: the host may kill this process at any moment.
+        partial = self.out / "gpu_check.json.part"
+        partial.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+        os.replace(partial, self.out / "gpu_check.json")
 
 
 def step_environment(run: Run) -> dict[str, Any]:

@@ -142,7 +142,35 @@ def step_environment(run: Run) -> dict[str, Any]:
         from m3rt.kernels.cuda_api import device_description
 
         env.update(device_description(0))
+    if not run.dry:  # seconds here rather than a failed session after the export's minutes
+        env["cuda_session_smoke_test"] = cuda_session_smoke_test()
     return env
+
+
+def cuda_session_smoke_test() -> dict[str, Any]:
+    """A one-node graph (y = x + x) in a session that asks for CUDA: which providers it got, its result."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "smoke",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, onnx.IR_VERSION, 10)
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
+        x = np.arange(4, dtype=np.float32)
+        (y,) = session.run(None, {"x": x})
+        return {"providers": session.get_providers(), "correct": bool(np.array_equal(y, x + x))}
+    except Exception as exc:  # noqa: BLE001 - recorded: it is what this test is for
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _tokenizer_path(run: Run) -> Path | None:
@@ -291,7 +319,13 @@ def summary(run: Run) -> str:
         return f"{fid[key]:.5f}" if key in fid else "-"
 
     status = tests.get("status", "not run")
-    rows = [
+    smoke = steps.get("environment", {}).get("cuda_session_smoke_test")
+    rows = []
+    if smoke is not None:
+        cuda = smoke.get("providers", [""])[0] == "CUDAExecutionProvider" and smoke.get("correct")
+        got = ", ".join(smoke.get("providers", [])) or smoke.get("error", "-")[:60]
+        rows.append(("ONNX Runtime session on CUDA", got, "CUDAExecutionProvider", "PASS" if cuda else "FAIL"))
+    rows += [
         (
             "pytest -m gpu",
             f"{tests.get('tests', '-')} run, {tests.get('failures', '-')} failed, {tests.get('skipped', '-')} skipped",

@@ -280,6 +280,10 @@ def test_a_failed_export_still_runs_the_kernel_tests_and_no_scenario(tmp_path, c
     assert gpu_check.main(argv) == 1
     steps = json.loads((out / "gpu_check.json").read_text())["steps"]
     assert steps["export"]["status"] == "failed" and "scenarios" not in steps
+    # The CUDA smoke test says what a session asking for CUDA got: here, the CPU build's CPU provider.
+    smoke = steps["environment"]["cuda_session_smoke_test"]
+    assert smoke == {"providers": ["CPUExecutionProvider"], "correct": True}
+    assert "| ONNX Runtime session on CUDA" in capsys.readouterr().out.split("| check")[1]
     tests = steps["gpu_tests"]
     assert tests["status"] == "ok", tests.get("error")  # here every kernel test skips: no GPU
     assert tests["outcomes"] and all(name.startswith("tests/test_cuda_kernels.py::") for name in tests["outcomes"])

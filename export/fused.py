@@ -96,6 +96,27 @@ def fuse(src: Path, num_heads: int, hidden_size: int) -> tuple[onnx.ModelProto, 
     return optimized.model, {k: int(v) for k, v in stats.items() if v}
 
 
+class FusionError(RuntimeError):
+    """The optimizer left attention blocks unfused: the graph would serve, but without the reason it exists."""
+
+
+def check_attention_fused(counts: dict[str, int], layers: int) -> None:
+    """Every layer's attention must be one fused `Attention` op. An unfused block materialises its
+    [B, heads, S, S] scores (2 GiB per 8192-token text per layer in fp32), so a partly fused graph is
+    refused rather than served. The usual cause is an exporter or transformers version whose
+    attention subgraph the optimizer's pattern does not match."""
+    fused = counts.get("Attention", 0)
+    if fused != layers:
+        import onnxruntime
+        import transformers
+
+        raise FusionError(
+            f"ONNX Runtime's transformer optimizer fused {fused} of {layers} attention blocks into Attention "
+            f"(onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}; all fused: "
+            f"{dict(sorted(counts.items()))}); export without --fused, or with the versions in constraints.txt"
+        )
+
+
 def convert_fused_fp16(model: onnx.ModelProto, weightless: onnx.ModelProto, keep_fp32: Sequence[str] = KEEP_FP32):
     """FP16 weights and activations, float32 inputs/outputs (keep_io_types).
 
@@ -132,9 +153,9 @@ def build_fused_fp16(
     num_heads, hidden_size = int(config.num_attention_heads), int(config.hidden_size)
     layers = int(config.num_hidden_layers)
     fused, counts = fuse(staging / "model.onnx", num_heads, hidden_size)
+    check_attention_fused(counts, layers)
     warnings = []
-    expected = {"Attention": layers, "SkipLayerNormalization": 2 * layers, "BiasGelu": layers}
-    for op, want in expected.items():
+    for op, want in {"SkipLayerNormalization": 2 * layers, "BiasGelu": layers}.items():
         if counts.get(op, 0) != want:
             # Still a correct graph (checked below), only slower: say so rather than fail.
             warnings.append(f"{op}: fused {counts.get(op, 0)} of {want} (the rest runs unfused)")

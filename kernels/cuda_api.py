@@ -90,16 +90,19 @@ def nvrtc_api():
     return _cuda_module("nvrtc", "nvrtc")
 
 
-# Error code 2 is an allocation failure in all three APIs: cudaErrorMemoryAllocation (runtime),
-# CUDA_ERROR_OUT_OF_MEMORY (driver), NVRTC_ERROR_OUT_OF_MEMORY.
-_OUT_OF_MEMORY = 2
+# The allocation-failure code of each API: cudaErrorMemoryAllocation (runtime) and
+# CUDA_ERROR_OUT_OF_MEMORY (driver) are 2; NVRTC_ERROR_OUT_OF_MEMORY is 1 (NVRTC's 2 is
+# NVRTC_ERROR_PROGRAM_CREATION_FAILURE).
+CUDA_OUT_OF_MEMORY = 2
+NVRTC_OUT_OF_MEMORY = 1
 
 
-def unpack(result: tuple, describe: Callable[[Any], str]) -> Any:
+def unpack(result: tuple, describe: Callable[[Any], str], out_of_memory: int = CUDA_OUT_OF_MEMORY) -> Any:
     """cuda-python returns (error, *values); raise `describe(error)` on error, return the value(s).
-    An allocation failure raises BackendOutOfMemory (a batch that needs it is split and retried)."""
+    The API's allocation failure (`out_of_memory`) raises BackendOutOfMemory (a batch that needs it is
+    split and retried)."""
     err, *values = result
-    if int(err) == _OUT_OF_MEMORY:
+    if int(err) == out_of_memory:
         raise BackendOutOfMemory(describe(err))
     if int(err) != 0:
         raise BackendError(describe(err))
@@ -110,14 +113,23 @@ def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _error_name(err: Any, lookup: Callable[[Any], tuple]) -> str:
+    """The API's name for `err`; the enum's own name when the lookup itself fails (cuGetErrorName
+    needs libcuda, which a machine without the driver lacks)."""
+    try:
+        return as_text(lookup(err)[1])
+    except Exception:  # noqa: BLE001 - the error being described matters more than this one
+        return str(getattr(err, "name", err))
+
+
 def check(result: tuple) -> Any:
     """A CUDA runtime call's value(s); BackendError on error."""
-    return unpack(result, lambda err: f"CUDA error {int(err)} ({as_text(runtime_api().cudaGetErrorName(err)[1])})")
+    return unpack(result, lambda err: f"CUDA error {int(err)} ({_error_name(err, runtime_api().cudaGetErrorName)})")
 
 
 def check_driver(result: tuple) -> Any:
     """A CUDA driver call's value(s); BackendError on error."""
-    return unpack(result, lambda err: f"CUDA driver error {int(err)} ({as_text(driver_api().cuGetErrorName(err)[1])})")
+    return unpack(result, lambda err: f"CUDA driver error {int(err)} ({_error_name(err, driver_api().cuGetErrorName)})")
 
 
 def gpu_unavailable_reason() -> str | None:

@@ -16,16 +16,19 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from m3rt.errors import BackendError, InputError
+from m3rt.errors import BackendError, BackendOutOfMemory, InputError
+from m3rt.kernels.colbert import colbert_counts, split_colbert
 from m3rt.kernels.cuda_api import (
     CAPTURE_GATE,
     INSTALL_HINT,
+    NVRTC_OUT_OF_MEMORY,
     as_text,
     check,
     check_driver,
@@ -35,7 +38,7 @@ from m3rt.kernels.cuda_api import (
     runtime_api,
     unpack,
 )
-from m3rt.kernels.sparse import SparseRows
+from m3rt.kernels.sparse import SparseRows, aggregate_sparse
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 HEADER = "m3rt_kernels.cuh"
@@ -64,7 +67,11 @@ NVRTC_HINT = (
 
 
 def _nvrtc_call(nvrtc, result: tuple, what: str) -> Any:
-    return unpack(result, lambda err: f"NVRTC {what} failed: {as_text(nvrtc.nvrtcGetErrorString(err)[1])}")
+    return unpack(
+        result,
+        lambda err: f"NVRTC {what} failed: {as_text(nvrtc.nvrtcGetErrorString(err)[1])}",
+        out_of_memory=NVRTC_OUT_OF_MEMORY,
+    )
 
 
 def read_sources() -> dict[str, bytes]:
@@ -237,9 +244,9 @@ class DeviceKernels:
         log2 = sparse_table_log2(seq_len)
         slots = batch << log2
         cudart = self._cudart
-        with self._lock, CAPTURE_GATE.shared():
+        with self._lock, CAPTURE_GATE.shared(), self._released_on_out_of_memory(stream):
             self._activate()
-            specials_ptr, num_special = self._upload_specials(special_ids)
+            specials_ptr, num_special = self._upload_specials(special_ids, stream)
             table = self._device("sparse_table", slots * SLOT_BYTES)
             slot_of = self._device("sparse_slot_of", tokens * 4)
             counts = self._device("sparse_counts", batch * 4)
@@ -307,7 +314,7 @@ class DeviceKernels:
             return [np.zeros((int(n), dim), dtype) for n in counts]
         out_bytes = total * dim * dtype.itemsize
         offsets_bytes = (batch + 1) * 8
-        with self._lock, CAPTURE_GATE.shared():
+        with self._lock, CAPTURE_GATE.shared(), self._released_on_out_of_memory(stream):
             self._activate()
             d_offsets = self._device("colbert_offsets", offsets_bytes)
             d_out = self._device("colbert_out", out_bytes)
@@ -334,16 +341,54 @@ class DeviceKernels:
         """Free the scratch buffers and the stream (the compiled module stays loaded for the process)."""
         with self._lock, CAPTURE_GATE.shared():
             self._activate()
-            for ptr, _ in self._device_buffers.values():
-                self._cudart.cudaFree(ptr)
-            for ptr, _ in self._host_buffers.values():
-                self._cudart.cudaFreeHost(ptr)
-            self._device_buffers.clear()
-            self._host_buffers.clear()
-            self._specials = None
+            self._free_scratch()
             if self.stream:
                 self._cudart.cudaStreamDestroy(self.stream)
                 self.stream = 0
+
+    def self_check(self) -> None:
+        """Run both kernels once on a small batch and compare with the CPU kernels, bit for bit.
+
+        What compiles and loads can still fail at its first launch, or launch and compute nothing (a
+        cuda-python whose launch API takes its arguments differently): checked here, at set-up, so
+        that the post-processor falls back to the host with a note instead of failing every batch.
+        BackendError says what differed.
+        """
+        ids = np.array([[0, 7, 9, 7, 2, 1], [0, 5, 2, 1, 1, 1]], np.int64)
+        mask = (ids != 1).astype(np.int64)
+        weights = np.array([[0.5, 0.25, 0.75, 1.5, 0.1, 9.0], [0.3, 2.0, 0.2, 9.0, 9.0, 9.0]], np.float32)
+        vecs = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4) / 8
+        arrays = [np.ascontiguousarray(a) for a in (weights, ids, mask, vecs)]
+        cudart, kind = self._cudart, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        pointers: list[int] = []
+        try:
+            with self._lock, CAPTURE_GATE.shared():
+                self._activate()
+                for array in arrays:
+                    pointers.append(int(check(cudart.cudaMalloc(array.nbytes))))
+                    check(cudart.cudaMemcpyAsync(pointers[-1], array.ctypes.data, array.nbytes, kind, self.stream))
+                check(cudart.cudaStreamSynchronize(self.stream))
+            w_ptr, ids_ptr, mask_ptr, vecs_ptr = pointers
+            sparse = self.aggregate_sparse(w_ptr, ids_ptr, mask_ptr, weights.shape, (0, 1, 2, 3))
+            colbert = self.compact_colbert(vecs_ptr, vecs.shape, colbert_counts(mask))
+        finally:
+            with CAPTURE_GATE.shared():
+                for ptr in pointers:
+                    cudart.cudaFree(ptr)
+        want_sparse = aggregate_sparse(weights, ids, mask, (0, 1, 2, 3))
+        want_colbert = split_colbert(vecs, mask)
+        same_sparse = all(
+            np.array_equal(getattr(sparse, k), getattr(want_sparse, k)) for k in ("indptr", "indices", "values")
+        )
+        same_colbert = len(colbert) == len(want_colbert) and all(
+            g.shape == w.shape and np.array_equal(g, w) for g, w in zip(colbert, want_colbert)
+        )
+        if not (same_sparse and same_colbert):
+            wrong = [name for name, ok in (("sparse", same_sparse), ("ColBERT", same_colbert)) if not ok]
+            raise BackendError(
+                f"the device kernels' {' and '.join(wrong)} results differ from the CPU kernels' on a small "
+                f"check batch (arch {self.arch}; a cuda-python launch API this code does not match?)"
+            )
 
     def __enter__(self) -> DeviceKernels:
         return self
@@ -352,6 +397,26 @@ class DeviceKernels:
         self.close()
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _free_scratch(self) -> None:
+        for ptr, _ in self._device_buffers.values():
+            self._cudart.cudaFree(ptr)
+        for ptr, _ in self._host_buffers.values():
+            self._cudart.cudaFreeHost(ptr)
+        self._device_buffers.clear()
+        self._host_buffers.clear()
+        self._specials = None
+
+    @contextmanager
+    def _released_on_out_of_memory(self, stream: int) -> Iterator[None]:
+        """An allocation failure frees every scratch buffer before it propagates: the caller retries
+        smaller parts (m3rt.postprocess splits the batch), which then find the memory free."""
+        try:
+            yield
+        except BackendOutOfMemory:
+            self._cudart.cudaStreamSynchronize(stream)  # nothing of ours may still read the buffers
+            self._free_scratch()
+            raise
 
     def _activate(self) -> None:
         # cudaSetDevice makes the device's primary context current (initialising it, CUDA >= 12),
@@ -379,16 +444,20 @@ class DeviceKernels:
         buffers[name] = (ptr, size)
         return ptr
 
-    def _upload_specials(self, special_ids: Iterable[int]) -> tuple[int, int]:
+    def _upload_specials(self, special_ids: Iterable[int], stream: int) -> tuple[int, int]:
         specials = tuple(int(x) for x in special_ids)
         if not specials:
             return 0, 0
         ptr = self._device("specials", len(specials) * 8)
         if specials != self._specials:
-            # Synchronous: tiny, only when the set changes, and no call of ours is in flight here.
-            data = np.asarray(specials, dtype=np.int64)
+            # On the kernels' stream, from pinned memory: a cudaMemcpy on the legacy stream is not
+            # ordered before work on a non-blocking stream. Every call ends with a synchronize of its
+            # stream, so a later call on another stream finds the copy complete.
+            nbytes = len(specials) * 8
+            host = self._host("specials", nbytes)
+            _host_array(host, nbytes, np.int64)[:] = specials
             kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-            check(self._cudart.cudaMemcpy(ptr, data.ctypes.data, data.nbytes, kind))
+            check(self._cudart.cudaMemcpyAsync(ptr, host, nbytes, kind, stream))
             self._specials = specials
         return ptr, len(specials)
 

@@ -11,7 +11,7 @@ runtime and is only called where a GPU exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,18 @@ class DeviceArray:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def rows(self, start: int, stop: int) -> DeviceArray:
+        """Rows `start:stop` along the first axis, in place (no copy); `batch_inputs` likewise."""
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        start, stop, _ = slice(start, stop).indices(self.shape[0])
+        inputs = self.batch_inputs
+        return replace(
+            self,
+            ptr=self.ptr + start * row_bytes,
+            shape=(max(stop - start, 0), *self.shape[1:]),
+            batch_inputs=None if inputs is None else (inputs[0].rows(start, stop), inputs[1].rows(start, stop)),
+        )
 
     def to_host(self) -> np.ndarray:
         """A host copy (synchronous). The producer's work must be complete (ONNX Runtime's is when

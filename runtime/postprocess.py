@@ -21,16 +21,46 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from m3rt.device_array import DeviceArray
-from m3rt.errors import BackendError
+from m3rt.errors import BackendOutOfMemory
 from m3rt.heads import HEAD_OUTPUTS, HEADS, OUTPUT_SPARSE, reductions
 from m3rt.kernels.sparse import SparseRows
 from m3rt.scheduler import Batch
 
 
+def _reduce_on_device(head: Any, values: DeviceArray, batch: Batch, kernels: Any) -> Any:
+    """`head.device`, or `head.host` where the kernels cannot read `values`. When the kernels' scratch
+    does not fit in device memory, the rows are halved and retried (each half on the device again), a
+    single row that still does not fit is reduced on the host: nothing is lost."""
+    try:
+        result = head.device(values, batch, kernels)
+    except BackendOutOfMemory:
+        rows = len(batch.indices)
+        if rows == 1:
+            return head.host(values, batch)
+        parts = [
+            _reduce_on_device(head, values.rows(lo, hi), _row_slice(batch, lo, hi), kernels)
+            for lo, hi in ((0, rows // 2), (rows // 2, rows))
+        ]
+        return SparseRows.concat(parts) if isinstance(parts[0], SparseRows) else [*parts[0], *parts[1]]
+    return head.host(values, batch) if result is None else result
+
+
+def _row_slice(batch: Batch, start: int, stop: int) -> Batch:
+    # Not scheduler.take_rows: the device outputs keep the batch's padded width, so must the inputs.
+    rows = slice(start, stop)
+    return Batch(batch.indices[rows], batch.input_ids[rows], batch.attention_mask[rows])
+
+
 def default_device_kernels(device: int) -> Any:
     from m3rt.kernels.device import DeviceKernels
 
-    return DeviceKernels(device)
+    kernels = DeviceKernels(device)
+    try:
+        kernels.self_check()  # a first launch that fails or computes nothing fails here, at set-up
+    except BaseException:
+        kernels.close()
+        raise
+    return kernels
 
 
 class PostProcessor:
@@ -66,8 +96,10 @@ class PostProcessor:
             if device not in self._kernels:
                 try:
                     self._kernels[device] = self._make_kernels(device)
-                except BackendError as exc:
-                    self.notes.append(f"device post-processing off, outputs copied to the host: {exc}")
+                except Exception as exc:  # noqa: BLE001 - a cuda-python binding mismatch too: the host path still works
+                    self.notes.append(
+                        f"device post-processing off, outputs copied to the host: {type(exc).__name__}: {exc}"
+                    )
                     self._kernels[device] = None
             return self._kernels[device]
 
@@ -83,9 +115,7 @@ class PostProcessor:
         if isinstance(values, DeviceArray) and hasattr(head, "device"):
             kernels = self.kernels_for(values.device)
             if kernels is not None:
-                result = head.device(values, batch, kernels)
-                if result is not None:
-                    return result
+                return _reduce_on_device(head, values, batch, kernels)
         return head.host(values, batch)
 
     def close(self) -> None:

@@ -7,6 +7,11 @@ arrays are `HostArray`s; `HostPointerKernels` has `DeviceKernels`' interface ove
 computed by the CPU kernels, so the post-processor's device path (dispatch, pointers, shapes,
 keep-alive) runs for real. The CUDA kernels themselves are checked against the CPU kernels in
 tests/test_cuda_kernels.py.
+
+`RecordingCuda` stands in for cuda-python's runtime and driver modules under `DeviceKernels` itself:
+allocations are host memory, copies copy, kernel launches are recorded with their stream and
+arguments but not run. `unordered_reads()` reports a kernel that reads a buffer whose host->device
+copy is not ordered before it (another stream, no synchronize between).
 """
 
 from __future__ import annotations
@@ -101,3 +106,176 @@ class HostPointerKernels:
 
     def close(self) -> None:
         self.closed = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# A recording stand-in for cuda-python's runtime and driver modules (host memory, no kernels run):
+# what `DeviceKernels` and the test helpers enqueue, on which stream, in which order.
+
+
+class _Enum:
+    def __init__(self, **values: int) -> None:
+        self.__dict__.update(values)
+
+
+@dataclass
+class CudaCall:
+    op: str  # "h2d", "d2h", "launch", "sync", "malloc", "free"
+    stream: int | None  # None: the synchronous legacy-stream cudaMemcpy
+    ptr: int = 0  # the device buffer written (h2d) or read (d2h)
+    args: tuple[int, ...] = ()  # a launch's arguments read as 64-bit values
+    name: str = ""
+    pinned: bool = False  # h2d: the source is page-locked (cudaMallocHost)
+
+
+# Arguments of each kernel (kernels/cuda/*.cu), to read a launch's parameter array.
+ARGUMENT_COUNTS = {
+    "m3rt_sparse_clear": 2,
+    "m3rt_sparse_insert": 10,
+    "m3rt_sparse_count": 6,
+    "m3rt_sparse_offsets": 3,
+    "m3rt_sparse_compact": 8,
+    "m3rt_colbert_compact": 7,
+}
+
+
+class RecordingCuda:
+    """`cuda.bindings.runtime` and `.driver` as far as m3rt uses them, over host memory.
+
+    Copies really copy; kernel launches are recorded, not run. `out_of_memory_above` makes any
+    cudaMalloc larger than it fail with cudaErrorMemoryAllocation (2).
+    """
+
+    LEGACY = 0
+
+    def __init__(self, out_of_memory_above: int | None = None) -> None:
+        self.calls: list[CudaCall] = []
+        self.out_of_memory_above = out_of_memory_above
+        self._memory: dict[int, Any] = {}  # device and pinned allocations by address
+        self.device_ptrs: set[int] = set()
+        self.pinned_ptrs: set[int] = set()
+        self._next_stream = 100
+        self.cudaMemcpyKind = _Enum(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+        self.cudaStreamNonBlocking = 1
+        self.runtime, self.driver = self, self  # one object serves both modules
+
+    # -- runtime ---------------------------------------------------------------------------------
+    def cudaGetDeviceCount(self):
+        return 0, 1
+
+    def cudaGetErrorName(self, err):
+        return 0, {2: b"cudaErrorMemoryAllocation"}.get(int(err), b"cudaErrorUnknown")
+
+    def cudaSetDevice(self, device):
+        return (0,)
+
+    def _alloc(self, nbytes: int, pinned: bool):
+        buffer = ctypes.create_string_buffer(max(int(nbytes), 1))
+        ptr = ctypes.addressof(buffer)
+        self._memory[ptr] = buffer
+        (self.pinned_ptrs if pinned else self.device_ptrs).add(ptr)
+        self.calls.append(CudaCall("malloc", None, ptr, name="pinned" if pinned else "device"))
+        return 0, ptr
+
+    def cudaMalloc(self, nbytes):
+        if self.out_of_memory_above is not None and nbytes > self.out_of_memory_above:
+            return 2, None
+        return self._alloc(nbytes, pinned=False)
+
+    def cudaMallocHost(self, nbytes):
+        return self._alloc(nbytes, pinned=True)
+
+    def cudaFree(self, ptr):
+        if ptr:
+            self._memory.pop(int(ptr), None)
+            self.device_ptrs.discard(int(ptr))
+            self.calls.append(CudaCall("free", None, int(ptr)))
+        return (0,)
+
+    def cudaFreeHost(self, ptr):
+        self._memory.pop(int(ptr), None)
+        self.pinned_ptrs.discard(int(ptr))
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        self._next_stream += 1
+        return 0, self._next_stream
+
+    def cudaStreamDestroy(self, stream):
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        self.calls.append(CudaCall("sync", int(stream)))
+        return (0,)
+
+    def _copy(self, dst, src, nbytes, kind, stream):
+        ctypes.memmove(int(dst), int(src), int(nbytes))
+        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
+            self.calls.append(CudaCall("h2d", stream, int(dst), pinned=self._in_pinned(int(src))))
+        else:
+            self.calls.append(CudaCall("d2h", stream, int(src)))
+        return (0,)
+
+    def _in_pinned(self, address: int) -> bool:
+        return any(p <= address < p + len(self._memory[p]) for p in self.pinned_ptrs)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        return self._copy(dst, src, nbytes, kind, int(stream))
+
+    def cudaMemcpy(self, dst, src, nbytes, kind):
+        return self._copy(dst, src, nbytes, kind, None)
+
+    # -- driver ----------------------------------------------------------------------------------
+    def CUstream(self, stream):
+        return int(stream)
+
+    def cuGetErrorName(self, err):
+        return 0, b"CUDA_ERROR_OUT_OF_MEMORY" if int(err) == 2 else b"CUDA_ERROR_UNKNOWN"
+
+    def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        count = ARGUMENT_COUNTS[str(function)]
+        pointers = host_view(int(params), (count,), np.uint64)
+        # Each argument read as 64 bits: enough to recognise the device pointers among them.
+        args = tuple(int(host_view(int(p), (1,), np.uint64)[0]) for p in pointers)
+        self.calls.append(CudaCall("launch", int(stream), args=args, name=str(function)))
+        return (0,)
+
+    # -- what the log says -----------------------------------------------------------------------
+    def unordered_reads(self) -> list[str]:
+        """Launches that read a device buffer whose last host->device copy is not ordered before them:
+        the copy was on another stream (the legacy one included) and that stream was not synchronized
+        in between."""
+        problems = []
+        last_write: dict[int, tuple[int, CudaCall]] = {}
+        for at, call in enumerate(self.calls):
+            if call.op == "h2d":
+                last_write[call.ptr] = (at, call)
+            elif call.op == "launch":
+                for ptr in set(call.args) & self.device_ptrs:
+                    if ptr not in last_write:
+                        continue
+                    where, copy = last_write[ptr]
+                    synced = any(c.op == "sync" and c.stream == copy.stream for c in self.calls[where:at])
+                    if copy.stream != call.stream and not synced:
+                        problems.append(f"{call.name} on stream {call.stream} reads a copy made on {copy.stream}")
+        return problems
+
+
+def install_recording_cuda(monkeypatch: Any, cuda: RecordingCuda) -> RecordingCuda:
+    """Route m3rt's cuda-python calls (and the kernel test helpers') to `cuda`; the kernels are
+    registered under their own names instead of being compiled and loaded."""
+    from m3rt.kernels import cuda_api
+    from m3rt.kernels import device as dk
+
+    for module in (cuda_api, dk):
+        monkeypatch.setattr(module, "runtime_api", lambda: cuda)
+        monkeypatch.setattr(module, "driver_api", lambda: cuda)
+    monkeypatch.setattr(dk, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(dk._Modules, "get", classmethod(lambda cls, device: ("sm_90", {k: k for k in dk.KERNELS})))
+    try:
+        import kernel_cases
+
+        monkeypatch.setattr(kernel_cases, "runtime_api", lambda: cuda)
+    except ImportError:
+        pass
+    return cuda

@@ -86,11 +86,18 @@ CASES = SPARSE_CASES + tuple(COLBERT_CASES)
 
 
 class _DeviceArrays:
-    """Device copies of host arrays via the CUDA runtime (no torch/CuPy), freed on exit."""
+    """Device copies of host arrays via the CUDA runtime (no torch/CuPy), freed on exit.
 
-    def __init__(self) -> None:
+    The copies are enqueued on `stream`, the stream the kernels then run on, so they are ordered
+    before the kernels (a cudaMemcpy on the legacy stream is not ordered before a non-blocking
+    stream's work); the host arrays are kept until exit, after the kernels' own synchronize.
+    """
+
+    def __init__(self, stream: int) -> None:
         self.cudart = runtime_api()
+        self.stream = stream
         self.ptrs: list[int] = []
+        self.sources: list[np.ndarray] = []
 
     def put(self, array: np.ndarray | None) -> int:
         if array is None:
@@ -98,14 +105,16 @@ class _DeviceArrays:
         array = np.ascontiguousarray(array)
         ptr = int(check(self.cudart.cudaMalloc(max(array.nbytes, 1))))
         self.ptrs.append(ptr)
+        self.sources.append(array)
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        check(self.cudart.cudaMemcpy(ptr, array.ctypes.data, array.nbytes, kind))
+        check(self.cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self.stream))
         return ptr
 
     def __enter__(self) -> _DeviceArrays:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.cudart.cudaStreamSynchronize(self.stream)
         for ptr in self.ptrs:
             self.cudart.cudaFree(ptr)
 
@@ -135,7 +144,7 @@ def check_kernels_against_cpu(
 
     Exact comparison: offsets, ids and their order equal, weights equal bit for bit (a max of the
     same floats), ColBERT rows equal bit for bit (fp16 against numpy's astype(float16)). Inputs are
-    copied to the device with cudaMalloc/cudaMemcpy; a non-default stream is used for the kernels.
+    copied to the device on the non-default stream the kernels then run on.
     """
     cudart = runtime_api()
     check(cudart.cudaSetDevice(kernels.device))
@@ -144,7 +153,7 @@ def check_kernels_against_cpu(
     try:
         for case in cases:
             try:
-                with _DeviceArrays() as dev:
+                with _DeviceArrays(stream) as dev:
                     if case in COLBERT_CASES:
                         results.append((case, *_check_colbert(kernels, dev, rng, COLBERT_CASES[case], stream)))
                     else:

@@ -21,6 +21,7 @@ from m3rt.backends.onnxruntime import OnnxRuntimeBackend, backend_error
 from m3rt.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend, cuda_unavailable_reason
 from m3rt.device_array import DeviceArray
 from m3rt.export.artifact import ExportOptions, export_artifact
+from m3rt.export.onnx_graph import export_graph
 from m3rt.export.validate import Tolerance
 from m3rt.fidelity import DEFAULT_GATES, compare_outputs
 from m3rt.placement import parse_device, select_graph
@@ -83,6 +84,39 @@ def test_fused_file_is_fp16_with_the_fused_ops(fused):
     assert onnx.TensorProto.FLOAT16 in {t.data_type for t in model.graph.initializer if len(t.dims) == 2}
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+
+
+def _with_one_attention_block_unfusable(export_graph):
+    """The exporter, with one more node (x * 1) before the last layer's Softmax: the same model, but an
+    attention subgraph the optimizer's pattern no longer matches (as a different exporter's would)."""
+    from onnx import helper, numpy_helper
+
+    def export(reference, out_path, **kwargs):
+        files = export_graph(reference, out_path, **kwargs)
+        model = onnx.load(str(out_path))
+        softmax = [n for n in model.graph.node if n.op_type == "Softmax"][-1]
+        model.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "test_one"))
+        scale = helper.make_node("Mul", [softmax.input[0], "test_one"], ["test_scaled"], name="test_mul")
+        softmax.input[0] = "test_scaled"
+        model.graph.node.insert(list(model.graph.node).index(softmax), scale)
+        onnx.save(model, str(out_path))
+        return files
+
+    return export
+
+
+def test_an_attention_block_left_unfused_fails_the_export(tiny, tmp_path, monkeypatch):
+    import m3rt.export.artifact as artifact_module
+    from m3rt.export.fused import FusionError
+
+    monkeypatch.setattr(artifact_module, "export_graph", _with_one_attention_block_unfusable(export_graph))
+    out = tmp_path / "artifact"
+    with pytest.raises(FusionError, match=r"fused 1 of 2 attention blocks"):
+        export_artifact(ExportOptions(model=str(tiny[0]), output=out, fused=True, fused_cpu_fidelity=False))
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written is left to serve
+    # Without --fused the same graph exports (it is a correct graph, only not fusable).
+    export_artifact(ExportOptions(model=str(tiny[0]), output=out))
+    assert (out / "m3rt.json").is_file()
 
 
 def test_the_cpu_never_runs_the_cuda_only_graph(fused):
@@ -168,16 +202,29 @@ def test_onnxruntime_out_of_memory_errors_are_typed_so_the_batch_is_split(messag
 
 
 def test_cuda_allocation_failures_are_typed_whatever_their_text():
-    """What TensorRT's backend and the device kernels see: cuda-python's (error code, values) tuples."""
-    from m3rt.kernels.cuda_api import unpack
+    """What TensorRT's backend and the device kernels see: cuda-python's (error code, values) tuples,
+    with each API's own codes (cuda-python's enums are the reference: NVRTC's out of memory is 1, its 2
+    is a program creation failure)."""
+    pytest.importorskip("cuda.bindings")
+    from cuda.bindings import driver, nvrtc, runtime
 
-    for api_error_name in ("cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "NVRTC_ERROR_OUT_OF_MEMORY"):
-        with pytest.raises(BackendOutOfMemory, match=api_error_name):
-            unpack((2, None), lambda err, name=api_error_name: f"CUDA error {int(err)} ({name})")
-    with pytest.raises(BackendError) as raised:
-        unpack((700, None), lambda err: f"CUDA error {int(err)} (cudaErrorIllegalAddress)")
-    assert not isinstance(raised.value, BackendOutOfMemory)
-    assert unpack((0, 42), str) == 42
+    from m3rt.kernels.cuda_api import check, check_driver
+    from m3rt.kernels.device import _nvrtc_call
+
+    with pytest.raises(BackendOutOfMemory, match="cudaErrorMemoryAllocation"):
+        check((runtime.cudaError_t.cudaErrorMemoryAllocation, None))
+    with pytest.raises(BackendOutOfMemory, match="CUDA_ERROR_OUT_OF_MEMORY"):
+        check_driver((driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY, None))
+    with pytest.raises(BackendOutOfMemory, match="NVRTC_ERROR_OUT_OF_MEMORY"):
+        _nvrtc_call(nvrtc, (nvrtc.nvrtcResult.NVRTC_ERROR_OUT_OF_MEMORY, None), "nvrtcCompileProgram")
+    for failure in (
+        lambda: _nvrtc_call(nvrtc, (nvrtc.nvrtcResult.NVRTC_ERROR_PROGRAM_CREATION_FAILURE, None), "create"),
+        lambda: check((runtime.cudaError_t.cudaErrorIllegalAddress, None)),
+    ):
+        with pytest.raises(BackendError) as raised:
+            failure()
+        assert not isinstance(raised.value, BackendOutOfMemory), raised.value
+    assert check((runtime.cudaError_t.cudaSuccess, 42)) == 42
 
 
 def test_an_out_of_memory_batch_is_split_and_nothing_is_lost(tiny_model, texts):
@@ -401,6 +448,74 @@ def test_outputs_the_kernels_cannot_read_are_reduced_on_the_host():
     (_, s16, c16), (_, s32, c32) = _collect(batch, on_device, post), _collect(batch, widened, post)
     assert s16.to_dicts() == s32.to_dicts() and all(np.array_equal(g, w) for g, w in zip(c16, c32))
     assert kernels.calls == {"aggregate_sparse": 0, "compact_colbert": 0}
+
+
+class _ScarceMemoryKernels(HostPointerKernels):
+    """Device kernels whose scratch fits at most `max_rows` rows, and never for outputs at `never`."""
+
+    def __init__(self, max_rows: int, never: set[int]) -> None:
+        super().__init__()
+        self.max_rows, self.never, self.rows_seen = max_rows, never, []
+
+    def _fits(self, ptr: int, rows: int) -> None:
+        self.rows_seen.append(rows)
+        if rows > self.max_rows or ptr in self.never:
+            raise BackendOutOfMemory("CUDA error 2 (cudaErrorMemoryAllocation)")
+
+    def aggregate_sparse(self, weights_ptr, input_ids_ptr, attention_mask_ptr, shape, special_ids, stream=None):
+        self._fits(weights_ptr, int(shape[0]))
+        return super().aggregate_sparse(weights_ptr, input_ids_ptr, attention_mask_ptr, shape, special_ids, stream)
+
+    def compact_colbert(self, colbert_ptr, shape, counts, stream=None, fp16=False):
+        self._fits(colbert_ptr, int(shape[0]))
+        return super().compact_colbert(colbert_ptr, shape, counts, stream, fp16)
+
+
+def test_device_scratch_out_of_memory_splits_the_rows_and_loses_nothing():
+    lengths, batch, dense, sparse, colbert = _seam_case(2)
+    inputs = (_host_device_array(batch.input_ids), _host_device_array(batch.attention_mask))
+    on_device = {
+        "dense_vecs": _host_device_array(dense, inputs),
+        "sparse_weights": _host_device_array(sparse, inputs),
+        "colbert_vecs": _host_device_array(colbert, inputs),
+    }
+    # Row 3 never fits (its halves end at one row): it is reduced on the host, the rest on the "device".
+    never = {on_device["sparse_weights"].rows(3, 4).ptr, on_device["colbert_vecs"].rows(3, 4).ptr}
+    kernels = _ScarceMemoryKernels(max_rows=1, never=never)
+    post = PostProcessor((0, 1, 2, 3), device_kernels=lambda device: kernels)
+    _, got_sparse, got_colbert = _collect(batch, on_device, post)
+    assert sorted(set(kernels.rows_seen)) == [1, 2, 4]
+    for row, n in enumerate(lengths):  # FlagEmbedding's rules, written out independently
+        want = reference_rules.lexical_weights(sparse[row, :n], batch.input_ids[row, :n], {0, 1, 2, 3})
+        got = got_sparse.to_dicts()[row]
+        assert list(got) == list(want) and all(np.float32(got[k]) == np.float32(w) for k, w in want.items())
+        assert np.array_equal(got_colbert[row], reference_rules.colbert_rows(colbert[row], batch.attention_mask[row]))
+
+
+def test_device_rows_are_views_of_the_same_memory():
+    source = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
+    ids = np.arange(12, dtype=np.int64).reshape(4, 3)
+    device = _host_device_array(source, (_host_device_array(ids), _host_device_array(ids)))
+    part = device.rows(1, 3)
+    assert part.shape == (2, 3, 2) and np.array_equal(part.to_host(), source[1:3])
+    assert np.array_equal(part.batch_inputs[0].to_host(), ids[1:3]) and part.owner is device.owner
+    assert device.rows(3, 9).shape == (1, 3, 2) and device.rows(4, 4).shape == (0, 3, 2)
+
+
+@pytest.mark.parametrize("failure", [AttributeError("module 'cuda.bindings.driver' has no attribute 'cuLaunchKernel'"),
+                                     BackendError("libnvrtc was not found")])  # fmt: skip
+def test_any_device_kernel_setup_failure_falls_back_to_host_post_processing(fused, iobinding_models, texts, failure):
+    bound, plain = iobinding_models
+
+    def broken(device: int):
+        raise failure
+
+    backend = OnnxRuntimeCudaBackend(fused / "model.fp16.fused.onnx", device=HostDevice(), cuda_graph=False)
+    post = PostProcessor(bound.unused_ids, device_kernels=broken)
+    with M3Model(bound.manifest, backend, bound.tokenizer, postprocessor=post) as model:  # load does not abort
+        assert any(type(failure).__name__ in note and "copied to the host" in note for note in model.notes)
+        _assert_same(model.encode(texts, batch_size=4, **ALL), plain.encode(texts, batch_size=4, **ALL))
+        assert post.active_devices == []
 
 
 def test_a_device_array_converts_by_copying():

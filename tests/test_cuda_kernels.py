@@ -2,7 +2,9 @@
 
 Without a GPU the kernels still run: tests/cuda_emulation.cpp compiles the same sources as host C++
 (one std::thread per CUDA thread) and the results are compared exactly with the CPU kernels. The
-`gpu` tests run the real thing through `m3rt.kernels.device`.
+`gpu` tests run the real thing through `m3rt.kernels.device`. What `DeviceKernels` enqueues, on which
+stream and in which order, its out-of-memory path and its set-up check run here on a recording
+stand-in for cuda-python (tests/host_device.py).
 """
 
 from __future__ import annotations
@@ -271,3 +273,113 @@ def test_device_kernels_reuse_scratch_in_steady_state(gpu_kernels):
     again = kc.check_kernels_against_cpu(gpu_kernels, rng, ["random", "long_8192", "colbert_random", "colbert_8192"])
     assert all(ok for _, ok, _ in first + again), first + again
     assert gpu_kernels.scratch == buffers  # nothing was reallocated
+
+
+# -- (d) what is enqueued where, recorded without a GPU -------------------------------------------
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    from host_device import RecordingCuda, install_recording_cuda
+
+    return install_recording_cuda(monkeypatch, RecordingCuda(out_of_memory_above=1 << 20))
+
+
+def _sparse_inputs(cuda, stream: int, batch: int, seq: int):
+    rng = np.random.default_rng(0)
+    dev = kc._DeviceArrays(stream)
+    w = rng.standard_normal((batch, seq)).astype(np.float32)
+    ids = rng.integers(0, 50, (batch, seq))
+    return dev, (dev.put(w), dev.put(ids), dev.put(kc.right_padded_mask(rng, batch, seq)), (batch, seq))
+
+
+def test_the_order_check_sees_a_legacy_stream_copy_racing_a_kernel(recorded):
+    # The stand-in's check itself: a synchronous cudaMemcpy (legacy stream) read by a kernel on a
+    # non-blocking stream with no synchronize in between is reported; the same copy on that stream is not.
+    cuda = recorded
+    ptr = cuda.cudaMalloc(8)[1]
+    data = np.arange(1, dtype=np.int64)
+    cuda.cudaMemcpy(ptr, data.ctypes.data, 8, cuda.cudaMemcpyKind.cudaMemcpyHostToDevice)
+    value = np.array([ptr], np.uint64)
+    params = np.array([value.ctypes.data] * 2, np.uint64)  # cuLaunchKernel's void*[] of arguments
+    cuda.cuLaunchKernel("m3rt_sparse_clear", 1, 1, 1, 1, 1, 1, 0, 101, params.ctypes.data, 0)
+    assert cuda.unordered_reads() == ["m3rt_sparse_clear on stream 101 reads a copy made on None"]
+    cuda.cudaMemcpyAsync(ptr, data.ctypes.data, 8, cuda.cudaMemcpyKind.cudaMemcpyHostToDevice, 101)
+    cuda.cuLaunchKernel("m3rt_sparse_clear", 1, 1, 1, 1, 1, 1, 0, 101, params.ctypes.data, 0)
+    assert len(cuda.unordered_reads()) == 1  # only the first launch
+
+
+def test_special_ids_are_copied_on_the_kernels_stream_before_they_run(recorded):
+    cuda = recorded
+    kernels = dk.DeviceKernels()
+    stream = cuda.cudaStreamCreateWithFlags(cuda.cudaStreamNonBlocking)[1]
+    dev, (w, ids, mask, shape) = _sparse_inputs(cuda, stream, 3, 17)
+    with dev:
+        kernels.aggregate_sparse(w, ids, mask, shape, kc.SPECIALS, stream=stream)
+        kernels.aggregate_sparse(w, ids, mask, shape, kc.SPECIALS)  # the kernels' own stream
+    specials = kernels.scratch["specials"][0]
+    copies = [c for c in cuda.calls if c.op == "h2d" and c.ptr == specials]
+    assert len(copies) == 1 and copies[0].stream == stream and copies[0].pinned
+    launches = [c.stream for c in cuda.calls if c.op == "launch"]
+    assert launches == [stream] * 5 + [kernels.stream] * 5
+    assert cuda.unordered_reads() == []
+    # A new set of specials is copied again, on the stream of the call that needs it.
+    with dev:
+        kernels.aggregate_sparse(w, ids, mask, shape, (0, 1, 2), stream=stream)
+    copies = [c for c in cuda.calls if c.op == "h2d" and c.ptr == specials]
+    assert [c.stream for c in copies] == [stream, stream] and cuda.unordered_reads() == []
+    kernels.close()
+
+
+def test_the_kernel_cases_copy_their_inputs_on_the_kernels_stream(recorded):
+    cuda = recorded
+    with dk.DeviceKernels() as kernels:
+        results = kc.check_kernels_against_cpu(kernels, np.random.default_rng(0), ["random", "colbert_random"])
+    assert [case for case, _, _ in results] == ["random", "colbert_random"]  # (nothing computed here)
+    launches = {c.stream for c in cuda.calls if c.op == "launch"}
+    copies = {c.stream for c in cuda.calls if c.op == "h2d"}
+    assert len(launches) == 1 and copies == launches and None not in copies
+    assert cuda.unordered_reads() == []
+
+
+def test_an_allocation_failure_frees_the_scratch_so_smaller_parts_fit(recorded):
+    from m3rt.errors import BackendOutOfMemory
+
+    cuda = recorded  # cudaMalloc fails above 1 MiB
+    kernels = dk.DeviceKernels()
+    dev, small = _sparse_inputs(cuda, kernels.stream, 2, 64)
+    with dev:
+        kernels.aggregate_sparse(*small[:3], small[3], kc.SPECIALS)
+    assert kernels.scratch  # grown, and kept for the next call
+    # A [64, 8192] batch needs ~ 12 * 64 * 16384 bytes of hash table: more than the device has.
+    with pytest.raises(BackendOutOfMemory, match="cudaErrorMemoryAllocation"):
+        kernels.aggregate_sparse(0, 0, 0, (64, 8192), kc.SPECIALS)
+    assert kernels.scratch == {} and cuda.calls[-1].op in ("free", "sync")
+    assert any(c.op == "sync" and c.stream == kernels.stream for c in cuda.calls[-6:])
+    with dev:  # the smaller part runs again, its specials uploaded afresh
+        kernels.aggregate_sparse(*small[:3], small[3], kc.SPECIALS)
+    assert cuda.unordered_reads() == []
+    with pytest.raises(BackendOutOfMemory):
+        kernels.compact_colbert(0, (4, 8191, 1024), [8191] * 4)
+    assert kernels.scratch == {}
+    kernels.close()
+
+
+def test_kernels_that_launch_but_compute_nothing_fail_set_up_and_the_host_takes_over(recorded):
+    # The stand-in launches nothing for real: what a cuda-python whose launch API this code does not
+    # match would look like. The set-up's check batch catches it, the post-processor notes it and
+    # reduces on the host, and the kernels' stream and buffers are released.
+    from m3rt.postprocess import PostProcessor
+
+    cuda = recorded
+    post = PostProcessor((0, 1, 2, 3))
+    assert post.kernels_for(0) is None
+    (note,) = post.notes
+    assert "BackendError" in note and "sparse and ColBERT results differ from the CPU kernels'" in note
+    assert cuda.device_ptrs == set() and cuda.pinned_ptrs == set()
+    assert cuda.unordered_reads() == []
+
+
+@pytest.mark.gpu
+def test_the_set_up_check_passes_on_a_gpu(gpu_kernels):
+    gpu_kernels.self_check()

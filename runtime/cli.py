@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m3rt.errors import InputError, M3Error
 from m3rt.embed.cli import add_embed_parser
+from m3rt.errors import InputError, M3Error
 from m3rt.serve.cli import add_serve_parser
 
 

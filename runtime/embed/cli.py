@@ -23,7 +23,9 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     )
     emb.add_argument("artifact", type=Path)
     emb.add_argument("inputs", nargs="+", metavar="INPUT", help="JSON lines, Parquet or text files, folders or globs")
-    emb.add_argument("output", type=Path, metavar="OUTPUT", help="folder of Parquet shards (created; resumed if it exists)")
+    emb.add_argument(
+        "output", type=Path, metavar="OUTPUT", help="folder of Parquet shards (created; resumed if it exists)"
+    )
     emb.add_argument("--format", choices=["jsonl", "parquet", "text"], help="input format (default: by file suffix)")
     emb.add_argument("--text-field", default="text", help="JSON field / Parquet column of the text (default text)")
     emb.add_argument("--id-field", help="JSON field / Parquet column of the id (default: the line number)")

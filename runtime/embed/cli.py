@@ -18,7 +18,7 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     emb = sub.add_parser(
         "embed",
         help="embed a corpus into Parquet shards, resumable, here or on a Ray cluster (m3rt[embed])",
-        description="Exit status: 0 every row embedded; 3 finished, some rows in OUTPUT/errors.jsonl; "
+        description="Exit status: 0 every row embedded; 3 finished, some rows in OUTPUT/_errors.jsonl; "
         "4 --verify found a mismatch; 1 an error (rerun the same command to resume).",
     )
     emb.add_argument("artifact", type=Path)

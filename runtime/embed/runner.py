@@ -61,7 +61,7 @@ class Summary:
             f"m3rt embed: {self.rows} rows, {self.tokens} tokens in {self.seconds:.1f} s "
             f"({rate:,.1f} rows/s, {tokens_rate:,.0f} tokens/s); {self.errors} rows to the errors file; "
             f"{self.units} shards written, {self.skipped_units} already committed",
-            f"m3rt embed: the output holds {self.total_rows} rows; {self.total_errors} in errors.jsonl",
+            f"m3rt embed: the output holds {self.total_rows} rows; {self.total_errors} in _errors.jsonl",
         ]
 
 

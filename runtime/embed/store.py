@@ -22,8 +22,8 @@ from m3rt.errors import InputError
 
 JOB_FILE = "_job.json"
 COMMIT_LOG = "_commits.jsonl"
-ERRORS_FILE = "errors.jsonl"
-ERRORS_DIR = "_errors"
+ERRORS_FILE = "_errors.jsonl"
+ERRORS_DIR = "_error_parts"
 TMP_DIR = "_tmp"
 LOCK_FILE = "_lock"
 
@@ -70,7 +70,7 @@ def publish(output: Path, write: Any, final: Path) -> None:
 
 
 def write_errors(output: Path, unit: int, records: list[dict[str, Any]]) -> None:
-    """The unit's error rows as JSON lines under `_errors/`, atomically (nothing when there are none)."""
+    """The unit's error rows as JSON lines under `_error_parts/`, atomically (nothing when there are none)."""
     if not records:
         return
 
@@ -165,7 +165,7 @@ class OutputFolder:
             os.fsync(f.fileno())
 
     def gather_errors(self) -> int:
-        """`errors.jsonl`: every committed unit's error rows in unit order (rewritten atomically)."""
+        """`_errors.jsonl`: every committed unit's error rows in unit order (rewritten atomically)."""
         parts = sorted((self.root / ERRORS_DIR).glob("part-*.jsonl"))
         count = 0
 

@@ -41,7 +41,9 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--device", help="cpu (default) or cuda / cuda:N")
     emb.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per model")
     emb.add_argument("--token-budget", type=int, default=16384, help="padded tokens per batch (default 16384)")
-    emb.add_argument("--shard-rows", type=int, default=10_000, help="input rows per shard (default 10000)")
+    emb.add_argument(
+        "--shard-rows", type=int, help="input rows per shard (default 10000; 1000 with colbert, whose vectors are big)"
+    )
     emb.add_argument("--address", help="run on this Ray cluster (auto, ray://head:10001); default: here, no Ray")
     emb.add_argument("--node-ip-address", help="this driver's Ray node address (e.g. 127.0.0.1)")
     emb.add_argument("--actors", type=int, help="model actors on the cluster (default: as many as fit)")
@@ -82,7 +84,7 @@ def embed(args: argparse.Namespace) -> int:
         threads=args.threads,
         token_budget=args.token_budget,
         verify_artifact=not args.no_verify_artifact,
-        rows_per_unit=args.shard_rows,
+        rows_per_unit=args.shard_rows or (1000 if "colbert" in args.outputs else 10_000),
     )
     cluster = None
     if args.address is not None:

@@ -154,7 +154,7 @@ def _embed_here(settings: EmbedSettings, output: Path, pending: list[Unit]) -> I
                 if k + 1 < len(pending):
                     next_rows = reader.submit(embedder.read, pending[k + 1])
                 embedded = embedder.encode(unit, rows)
-                while writes and (writes[0].done() or len(writes) >= 2):  # at most two shards held in memory
+                while writes:  # one shard written while the next is encoded: two held in memory at most
                     yield writes.popleft().result()
                 writes.append(writer.submit(embedder.write, output, embedded, node))
             while writes:

@@ -47,10 +47,10 @@ def _write_corpus(artifact: Path, path: Path, rows: int, distribution: str, seed
             f.write(json.dumps({"id": f"doc-{i}", "text": text}, ensure_ascii=False) + "\n")
 
 
-def _run_child(command: list[str], env: dict[str, str] | None = None) -> tuple[str, int]:
+def _run_child(command: list[str]) -> tuple[str, int]:
     """(stdout, peak RSS in bytes) of a child process."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen(command, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -122,9 +122,8 @@ def _ray_round(args: argparse.Namespace, corpus: Path, work: Path, name: str, ad
     output, summary = work / name, work / f"{name}.json"
     command = _embed_command(args, corpus, output, summary)
     command += ["--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     with _RssSampler() as sampler:
-        _run_child(command, env)
+        _run_child(command)
     data = json.loads(summary.read_text())
     per_node: dict[str, int] = data["rows_per_node"]
     return {

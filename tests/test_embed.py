@@ -106,7 +106,7 @@ def test_formats_folders_globs_and_bad_rows(tiny, tiny_model, tmp_path):
     long_text = "many words in a long text " * 20
     (inputs / "a.txt").write_bytes(b"first line\n\n\xff\xfe not utf-8\n" + long_text.encode() + b"\nlast line")
     (inputs / "sub" / "b.jsonl").write_text(
-        '{"text": "fine text"}\n{"text": 5}\n{"text": "\\ud800 lone"}\n[1, 2]\n{"other": "x"}\nnot json\n'
+        '\ufeff{"text": "fine text"}\n{"text": 5}\n{"text": "\\ud800 lone"}\n[1, 2]\n{"other": "x"}\nnot json\n'
     )
     parquet_dir = tmp_path / "pq"
     parquet_dir.mkdir()

@@ -219,6 +219,8 @@ def _raw_rows(unit: Unit, text_field: str, id_field: str | None) -> Iterable[tup
             raw = f.readline()
             if raw.endswith(b"\n"):
                 raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            if line == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not text
+                raw = raw[3:]
             text, reason = _decode(raw)
             if reason is not None or unit.format == "text":
                 yield line, None, text, reason

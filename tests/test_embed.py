@@ -216,6 +216,10 @@ def test_verify_and_refusals(tiny, tmp_path, capsys):
     (tmp_path / "o4" / "precious.txt").write_text("x")
     assert main([*base[:4], str(tmp_path / "o4")]) == 1
     assert "not empty" in capsys.readouterr().err
+    assert main([*base[:3], str(tmp_path / "missing.jsonl"), str(tmp_path / "o5")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main([*base[:4], str(tmp_path / "o6"), "--actors", "2"]) == 1
+    assert "add --address" in capsys.readouterr().err
 
 
 def test_two_node_ray_cluster_embeds_on_both_nodes(tiny, tiny_model, monkeypatch, tmp_path):

@@ -376,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         from m3rt.benchmarks.serve_bench import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["embed"]:  # `m3rt embed` against one in-process encode (m3rt[embed])
+        from m3rt.benchmarks.embed_bench import main as embed_main
+
+        return embed_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.scenarios:
         report = run_scenario_bench(args)

@@ -35,7 +35,7 @@ class Checkpoint:
 
 
 def resolve_checkpoint(spec: str, workdir: Path, tokenizer: str | None = None, seed: int = 0) -> Checkpoint:
-    """`synthetic:tiny|full` is generated into `workdir`; an existing dir is used; else a hub id."""
+    """`synthetic:tiny|small|full` is generated into `workdir`; an existing dir is used; else a hub id."""
     if spec.startswith("synthetic:"):
         from m3rt.export.synthetic import write_synthetic_checkpoint
 

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         help="local checkpoint dir, hub id (e.g. BAAI/bge-m3, from the HF cache when offline), "
-        "or synthetic:tiny / synthetic:full (random weights, real layout)",
+        "or synthetic:tiny / synthetic:small / synthetic:full (random weights, real layout)",
     )
     parser.add_argument("--output", "-o", required=True, type=Path, help="artifact directory to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")

@@ -6,7 +6,8 @@
 - `inspect`: an artifact's manifest, verified; which int8 graph this CPU serves;
 - `compare`: one precision of an artifact against another on the held-out samples (the gates' metrics);
 - `bench`: latency, throughput, fidelity and memory of every backend (the same as `m3-bench`);
-- `serve`: the HTTP API on Ray Serve (extra `m3rt[serve]`; see m3rt.serve).
+- `serve`: the HTTP API on Ray Serve (extra `m3rt[serve]`; see m3rt.serve);
+- `embed`: a corpus to Parquet shards, resumable, here or on a Ray cluster (extra `m3rt[embed]`; see m3rt.embed).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m3rt.embed.cli import add_embed_parser
 from m3rt.errors import BelowGateError, InputError, M3Error, error_answer
 from m3rt.serve.cli import add_serve_parser
 
@@ -198,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-verify", action="store_true")
     cmp.set_defaults(func=_compare)
     add_serve_parser(sub)  # m3rt.serve.cli: no Ray import until the verb runs
+    add_embed_parser(sub)  # m3rt.embed.cli: pyarrow and Ray only once the verb runs
     return parser
 
 

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {
     "runtime/backends": "m3rt.backends",
     "runtime/serve": "m3rt.serve",
+    "runtime/embed": "m3rt.embed",
     "runtime": "m3rt",
     "export": "m3rt.export",
     "kernels": "m3rt.kernels",
@@ -64,6 +65,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "m3rt.fidelity": (),
     "m3rt.long_document": (),
     "m3rt.samples": (),
+    "m3rt.ray_loopback": (),
     "m3rt.sentences": ("m3rt.errors",),
     "m3rt.scoring": ("m3rt.errors",),
     "m3rt.profiles": ("m3rt.errors",),
@@ -106,11 +108,12 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         m for m in _RUNTIME if m not in (ROOT, "m3rt.model", "m3rt.explain_view", "m3rt.fidelity", "m3rt.samples")
     ),
     ROOT: ("m3rt.errors", "m3rt.kernels", "m3rt.model"),
-    # On top: serving, the command line, export and the benchmarks.
-    "m3rt.serve": (*_RUNTIME, "m3rt.serve"),
-    "m3rt.cli": (*_RUNTIME, "m3rt.serve", "m3rt.export", "m3rt.benchmarks"),
+    # On top: serving, corpus embedding, the command line, export and the benchmarks.
+    "m3rt.serve": (*_RUNTIME, "m3rt.serve", "m3rt.ray_loopback"),
+    "m3rt.embed": (*_RUNTIME, "m3rt.embed", "m3rt.ray_loopback"),
+    "m3rt.cli": (*_RUNTIME, "m3rt.serve", "m3rt.embed", "m3rt.export", "m3rt.benchmarks"),
     "m3rt.export": (*_RUNTIME, "m3rt.export"),
-    "m3rt.benchmarks": (*_RUNTIME, "m3rt.serve", "m3rt.export", "m3rt.benchmarks"),
+    "m3rt.benchmarks": (*_RUNTIME, "m3rt.serve", "m3rt.embed", "m3rt.ray_loopback", "m3rt.export", "m3rt.benchmarks"),
 }
 
 

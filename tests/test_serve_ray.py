@@ -22,30 +22,9 @@ requests = pytest.importorskip("requests")
 
 from m3rt.serve.process import free_port, serving, wait_ready  # noqa: E402
 
-LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+from ray_cluster import assert_loopback_only, start_loopback_cluster  # noqa: E402
+
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
-
-
-def _connections(processes) -> tuple[list, list]:
-    """(listening, established) inet sockets of these processes."""
-    listening, established = [], []
-    for proc in processes:
-        try:
-            for conn in proc.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    listening.append((proc.pid, conn.laddr))
-                elif conn.status == psutil.CONN_ESTABLISHED and conn.raddr:
-                    established.append((proc.pid, conn.raddr))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return listening, established
-
-
-def _assert_loopback_only(processes) -> None:
-    listening, established = _connections(processes)
-    assert listening, "no listening sockets found: the check would prove nothing"
-    assert [(pid, a) for pid, a in listening if a.ip not in LOOPBACK] == []
-    assert [(pid, a) for pid, a in established if a.ip not in LOOPBACK] == []
 
 
 def _decode(data: str, shape=None) -> np.ndarray:
@@ -194,7 +173,7 @@ def test_loopback_only_and_clean_sigint_shutdown(tiny, tmp_path):
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         assert any("raylet" in " ".join(p.cmdline()) for p in tree), "Ray's processes are not children of the server"
         requests.post(f"{url}/v1/embeddings", json={"input": "traffic while we look"}, timeout=30)
-        _assert_loopback_only(tree)
+        assert_loopback_only(tree)
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0, log.read_text()[-3000:]
@@ -211,25 +190,16 @@ def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch,
     import ray
     from ray import serve
     from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
 
     # The one proxy would send everything to the replica on its own node while that one has room;
     # the cluster's processes inherit this environment.
     monkeypatch.setenv("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
-    # What `m3rt serve` does for a local Ray (deployment._keep_ray_on_loopback), undone after the test.
-    monkeypatch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     port = free_port()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"node_ip_address": "127.0.0.1", "num_cpus": 1, "include_dashboard": False},
-    )
+    cluster = start_loopback_cluster(monkeypatch)
     server = None
     log = tmp_path / "server.log"
     try:
-        cluster.add_node(node_ip_address="127.0.0.1", num_cpus=1)
-        ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
         command = [
             sys.executable, "-m", "m3rt.cli", "serve", str(tiny[1]), "--address", cluster.address,
             "--node-ip-address", "127.0.0.1", "--port", str(port), "--replicas", "2", "--num-cpus", "1",
@@ -267,7 +237,7 @@ def test_two_node_cluster_answers_from_both_nodes(tiny, tiny_model, monkeypatch,
         cards = {requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["m3rt"]["node_id"] for _ in range(20)}
         assert cards <= node_ids
         processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-        _assert_loopback_only([psutil.Process(), *processes])
+        assert_loopback_only([psutil.Process(), *processes])
 
         server.send_signal(signal.SIGINT)
         assert server.wait(90) == 0, log.read_text()[-3000:]

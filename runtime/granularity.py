@@ -350,16 +350,15 @@ def assemble(
 
 def _check_hidden_output(model: Any) -> None:
     """MCLS reads the encoder's last hidden states: only graphs that output them can serve it."""
-    served = getattr(model.backend, "graph_path", None)
+    # A backend serving a flash-attention graph beside the plain one runs hidden-state requests on it.
+    served = {getattr(model.backend, key, None) for key in ("graph_path", "long_graph_path")} - {None}
     for name in model.manifest.graph_names:
         entry = model.manifest.data["graphs"][name]
-        if served is not None and model.manifest.graph_path(name) == served:
-            if HIDDEN_OUTPUT in entry.get("outputs", {}):
-                return
-            break
+        if model.manifest.graph_path(name) in served and HIDDEN_OUTPUT in entry.get("outputs", {}):
+            return
     raise InputError(
         "long_document='mcls' needs the encoder's last hidden states, which the served graph does not output; "
-        "export with m3-export --flash-attention (ONNX Runtime CPU), or use long_document='windows'"
+        "export with m3-export's flash-attention graph (the default; ONNX Runtime CPU), or use long_document='windows'"
     )
 
 

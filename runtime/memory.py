@@ -54,11 +54,17 @@ class MemoryModel:
     hidden_size: int
     num_heads: int
     quadratic_attention: bool  # False for the flash-attention graph
+    # With both graphs served (`OnnxRuntimeBackend(long_graph_path=...)`): batches padded to this many
+    # tokens or more run on the flash graph and hold no score tensors.
+    flash_from_tokens: int | None = None
+
+    def holds_scores(self, length: int) -> bool:
+        return self.quadratic_attention and (self.flash_from_tokens is None or length < self.flash_from_tokens)
 
     def batch_bytes(self, rows: int, length: int) -> int:
         """Estimated peak activation bytes of one batch of `rows` texts padded to `length` tokens."""
         linear = rows * length * PER_TOKEN_HIDDEN_FLOATS * self.hidden_size * 4
-        scores = SCORE_COPIES * rows * self.num_heads * length * length * 4 if self.quadratic_attention else 0
+        scores = SCORE_COPIES * rows * self.num_heads * length * length * 4 if self.holds_scores(length) else 0
         return linear + scores
 
     def max_rows(self, length: int, budget: int) -> int:
@@ -75,7 +81,7 @@ def memory_rows(model: MemoryModel, budget: int) -> Callable[[int], int]:
         fitting = model.max_rows(length, budget)
         if fitting < 1:
             need = model.batch_bytes(1, length) / 2**30
-            hint = "" if not model.quadratic_attention else ", or export with --flash-attention"
+            hint = "" if not model.holds_scores(length) else ", or keep the export's flash-attention graph"
             raise InputError(
                 f"a text of {length} tokens needs about {need:.1f} GiB of activations, over the memory budget of "
                 f"{budget / 2**30:.1f} GiB; raise memory_budget, lower max_length{hint}"
@@ -89,8 +95,11 @@ def budget_rows(manifest: Any, backend: Any, budget: int | str | None) -> Callab
     """`memory_rows` for the graph `backend` serves, or None without a budget."""
     if budget is None:
         return None
-    # Only the flash-attention graph never holds a layer's attention scores whole.
+    # Which graph a batch runs on follows its padded length where the backend serves both (the flash
+    # graph never holds a layer's attention scores whole).
+    flash_from = getattr(backend, "flash_from_tokens", None) if getattr(backend, "long_graph_path", None) else None
     served = getattr(backend, "graph_path", None)
-    flash = manifest.has_graph("fp32-flash") and served == manifest.graph_path("fp32-flash")
+    only_flash = any(name.endswith("-flash") and manifest.graph_path(name) == served for name in manifest.graph_names)
     heads = int(manifest.data["model"].get("num_attention_heads", manifest.hidden_size // 64))
-    return memory_rows(MemoryModel(manifest.hidden_size, heads, not flash), parse_bytes(budget))
+    cost = MemoryModel(manifest.hidden_size, heads, not only_flash, flash_from)
+    return memory_rows(cost, parse_bytes(budget))

@@ -85,9 +85,6 @@ def select_graph(manifest: Manifest, precision: str, device: str) -> str:
     name = precision
     if device == "cuda" and precision == "fp16" and manifest.has_graph("fp16-fused"):
         name = "fp16-fused"
-    # The same fp32 model with ONNX Runtime's CPU flash attention: scores never held whole (long texts).
-    if device == "cpu" and precision == "fp32" and manifest.has_graph("fp32-flash"):
-        name = "fp32-flash"
     if device == "cpu" and precision == "int8" and not manifest.has_graph(name) and manifest.has_graph("int8-u8"):
         name = "int8-u8"
     graph = manifest.graph(name)
@@ -100,12 +97,20 @@ def select_graph(manifest: Manifest, precision: str, device: str) -> str:
     return name
 
 
+def long_document_graph(manifest: Manifest, graph: str, device: str) -> str | None:
+    """The flash-attention twin of `graph` that the CPU runs long batches on (`<graph>-flash`: the same
+    weights, scores never held whole), or None."""
+    twin = f"{graph}-flash"
+    return twin if device == "cpu" and manifest.has_graph(twin) else None
+
+
 def create_backend(name: str, manifest: Manifest, precision: str, **options: Any) -> Backend:
     """`auto` takes the TensorRT engine of this precision when there is one and TensorRT can run it.
 
     Options: `providers` (ONNX Runtime provider list), `intra_op_threads`, `device` ("cpu", "cuda",
     "cuda:N"; CUDA also when `providers` asks for CUDAExecutionProvider), `backend_options` (keyword
-    arguments of `OnnxRuntimeCudaBackend`: cuda_graph, graph_buckets, device_postprocess, colbert_fp16).
+    arguments of `OnnxRuntimeCudaBackend`: cuda_graph, graph_buckets, device_postprocess, colbert_fp16; on the
+    CPU, `flash_from_tokens`: the padded length from which batches run on the flash-attention graph).
     """
     if name not in BACKENDS:
         raise ArtifactError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
@@ -138,7 +143,7 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
             device_id=device_id,
             pad_id=manifest.special_tokens["pad"],
             provider_options=cuda_options,
-            **dict(options.get("backend_options") or {}),
+            **{k: v for k, v in dict(options.get("backend_options") or {}).items() if k != "flash_from_tokens"},
         )
     from m3rt.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -154,10 +159,13 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
         validated = check_int8_on_this_cpu(manifest, graph, kernel)
         if validated:
             notes.append(validated)
+    long_graph = long_document_graph(manifest, graph, device)
     engine = OnnxRuntimeBackend(
         manifest.graph_path(graph),
         providers=providers,
         intra_op_threads=options.get("intra_op_threads"),
+        long_graph_path=manifest.graph_path(long_graph) if long_graph else None,
+        **{k: v for k, v in dict(options.get("backend_options") or {}).items() if k == "flash_from_tokens"},
     )
     engine.notes.extend(notes)
     return engine

@@ -9,7 +9,8 @@ import pytest
 from m3rt.export.artifact import ExportOptions, export_artifact
 from m3rt.export.checkpoint import CheckpointError, resolve_checkpoint
 from m3rt.export.cli import main as export_main
-from m3rt.export.validate import Tolerance, ValidationError
+from m3rt.export.validate import ValidationError
+from m3rt.fidelity import reference_gate
 
 
 @pytest.mark.parametrize("head", ["colbert_linear.pt", "sparse_linear.pt"])
@@ -32,7 +33,7 @@ def test_validation_failure_is_loud_and_leaves_no_artifact(tiny, tmp_path):
     out = tmp_path / "out"
     # An impossible tolerance stands in for a deviating graph: nothing is written, not even partly.
     with pytest.raises(ValidationError, match="deviates from the PyTorch reference"):
-        export_artifact(ExportOptions(model=str(tiny[0]), output=out, tolerance=Tolerance(max_abs_diff=-1.0)))
+        export_artifact(ExportOptions(model=str(tiny[0]), output=out, tolerance=reference_gate(max_abs_diff=-1.0)))
     assert not out.exists()
     assert not list(tmp_path.glob(".out.*")), "staging directory left behind"
 

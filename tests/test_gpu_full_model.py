@@ -89,7 +89,7 @@ def test_fused_fp16_is_within_the_fp16_gates_of_pytorch_fp32(full, texts):
     got = model.encode(texts, batch_size=8, max_length=8192, **ALL)
     figures = compare_outputs(got, want)
     gate = DEFAULT_GATES["fp16"]
-    _record("fused_fp16_vs_pytorch_fp32", {**figures, "texts": len(texts), "gate": vars(gate)})
+    _record("fused_fp16_vs_pytorch_fp32", {**figures, "texts": len(texts), "gate": gate.as_record()})
     assert not gate.failures(figures), figures
 
 

@@ -103,7 +103,10 @@ def _external_weights(graph_path: Path) -> dict[str, tuple[str, int, int, np.dty
         from onnx.helper import tensor_dtype_to_np_dtype
     except ImportError:  # without onnx the two sessions keep a copy of the weights each
         return {}
-    model = onnx.load(str(graph_path), load_external_data=False)
+    try:
+        model = onnx.load(str(graph_path), load_external_data=False)
+    except Exception as exc:  # a truncated or foreign file: protobuf's DecodeError, OSError, ...
+        raise ArtifactError(f"ONNX Runtime cannot load {graph_path}: {exc}") from exc
     table = {}
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--mcls", action="store_true", help="flash: then also the document level with MCLS")
     parser.add_argument("--out", type=Path, help="save dense, ColBERT and lexical outputs here")
+    parser.add_argument(
+        "--long-session-arena", action="store_true", help="flash: keep ONNX Runtime's memory arena on its session"
+    )
     args = parser.parse_args(argv)
 
     text, tokens = _text(args.artifact, args.tokens)
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from m3rt import M3Model
 
-        model = M3Model.load(args.artifact, verify=False)
+        options = {"long_session_arena": True} if args.long_session_arena else None
+        model = M3Model.load(args.artifact, verify=False, backend_options=options)
         if args.runner == "plain":
             from m3rt.backends.onnxruntime import OnnxRuntimeBackend
 

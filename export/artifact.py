@@ -427,7 +427,8 @@ def _int8_flash_builder(base: str) -> Callable[[ExportContext], GraphInfo]:
             files,
             "int8",
             **{**_int8_cpu_fields(ctx), **shape, **fields},
-            validation=ctx.variants.against_base(files[0], base_graph),
+            # Not "validation", which is against PyTorch: the rewrite against the graph it rewrites.
+            against_plain_graph=ctx.variants.against_base(files[0], base_graph),
             fidelity=fidelity,
         )
         return _with_hidden_output(info, int(ctx.config.hidden_size))

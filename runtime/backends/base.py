@@ -42,6 +42,8 @@ def _tensorrt_usable() -> bool:
 # The ONNX Runtime CPU int8 graphs: int8 weights (exact on VNNI/AMX) and their uint8 twin (exact everywhere).
 INT8_CPU_GRAPHS = ("int8", "int8-u8")
 CUDA_PROVIDER = "CUDAExecutionProvider"
+# `backend_options` the ONNX Runtime CPU backend takes (the rest are the CUDA backend's).
+CPU_OPTIONS = ("flash_from_tokens", "long_session_arena")
 
 
 def _auto_picks_cuda(precision: str, options: dict[str, Any]) -> bool:
@@ -110,7 +112,8 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
     Options: `providers` (ONNX Runtime provider list), `intra_op_threads`, `device` ("cpu", "cuda",
     "cuda:N"; CUDA also when `providers` asks for CUDAExecutionProvider), `backend_options` (keyword
     arguments of `OnnxRuntimeCudaBackend`: cuda_graph, graph_buckets, device_postprocess, colbert_fp16; on the
-    CPU, `flash_from_tokens`: the padded length from which batches run on the flash-attention graph).
+    CPU, `flash_from_tokens`: the padded length from which batches run on the flash-attention graph, and
+    `long_session_arena`: whether that graph's session keeps ONNX Runtime's memory arena).
     """
     if name not in BACKENDS:
         raise ArtifactError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
@@ -143,7 +146,7 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
             device_id=device_id,
             pad_id=manifest.special_tokens["pad"],
             provider_options=cuda_options,
-            **{k: v for k, v in dict(options.get("backend_options") or {}).items() if k != "flash_from_tokens"},
+            **{k: v for k, v in dict(options.get("backend_options") or {}).items() if k not in CPU_OPTIONS},
         )
     from m3rt.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -165,7 +168,7 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
         providers=providers,
         intra_op_threads=options.get("intra_op_threads"),
         long_graph_path=manifest.graph_path(long_graph) if long_graph else None,
-        **{k: v for k, v in dict(options.get("backend_options") or {}).items() if k == "flash_from_tokens"},
+        **{k: v for k, v in dict(options.get("backend_options") or {}).items() if k in CPU_OPTIONS},
     )
     engine.notes.extend(notes)
     return engine

@@ -164,7 +164,8 @@ class OnnxRuntimeBackend:
 
     `long_graph_path`: the same model with flash attention (`model.flash.onnx`); then batches padded to
     `flash_from_tokens` or more run on it, shorter ones on `graph_path`, and requests for outputs only
-    it has (the encoder's hidden states) too. Both sessions share the weights file's tensors.
+    it has (the encoder's hidden states) too. Both sessions share the weights file's tensors;
+    `long_session_arena=False` runs the flash session without ONNX Runtime's CPU memory arena.
     """
 
     name = "onnxruntime"
@@ -178,6 +179,7 @@ class OnnxRuntimeBackend:
         session_config: Mapping[str, str] | None = None,
         long_graph_path: Path | None = None,
         flash_from_tokens: int = FLASH_FROM_TOKENS,
+        long_session_arena: bool = False,
     ) -> None:
         providers = list(providers or ["CPUExecutionProvider"])
         self.graph_path = Path(graph_path)
@@ -192,7 +194,7 @@ class OnnxRuntimeBackend:
         shared = SharedWeights(self.graph_path, self.long_graph_path) if self.long_graph_path else None
         self._session = self._open(self.graph_path, providers, intra_op_threads, session_config, shared)
         self._long_session = (
-            self._open(self.long_graph_path, providers, intra_op_threads, session_config, shared)
+            self._open(self.long_graph_path, providers, intra_op_threads, session_config, shared, long_session_arena)
             if self.long_graph_path is not None
             else None
         )
@@ -216,9 +218,13 @@ class OnnxRuntimeBackend:
         intra_op_threads: int | None,
         session_config: Mapping[str, str] | None,
         shared: SharedWeights | None,
+        arena: bool = True,
     ) -> ort.InferenceSession:
         try:
             options = _session_options(intra_op_threads, session_config)
+            # Long batches allocate few, large tensors: freed back at once instead of kept by the
+            # arena, whose growth by doubling would add to the peak (RESULTS.md, "Long documents").
+            options.enable_cpu_mem_arena = arena
             if shared is not None:
                 shared.add_to(options)
             session = ort.InferenceSession(str(graph_path), options, providers=providers)

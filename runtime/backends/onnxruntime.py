@@ -192,6 +192,11 @@ class OnnxRuntimeBackend:
         self.batches: Counter[str] = Counter()
         self._count_lock = threading.Lock()
         shared = SharedWeights(self.graph_path, self.long_graph_path) if self.long_graph_path else None
+        if shared is not None and not shared.values:
+            self.notes.append(
+                f"{self.graph_path.name} and {self.long_graph_path.name} share no external weights here "
+                "(no onnx package, or no common weight file): each session holds its own copy"
+            )
         self._session = self._open(self.graph_path, providers, intra_op_threads, session_config, shared)
         self._long_session = (
             self._open(self.long_graph_path, providers, intra_op_threads, session_config, shared, long_session_arena)

@@ -30,7 +30,7 @@ from m3rt.export.checkpoint import ensure_tokenizer_json, load_reference, resolv
 from m3rt.export.onnx_graph import DEFAULT_OPSET, export_graph
 from m3rt.export.samples import calibration_texts, sample_texts
 from m3rt.export.validate import check_reference, compare_with_reference
-from m3rt.fidelity import DEFAULT_GATES, FLASH_GATE, REFERENCE_GATE, Gate, compare_outputs, gate_for
+from m3rt.fidelity import DEFAULT_GATES, REFERENCE_GATE, Gate, compare_outputs, gate_for
 from m3rt.int8_kernel import Int8Kernel, int8_kernel
 from m3rt.manifest import (
     FORMAT,
@@ -173,13 +173,16 @@ class _Variants:
             write_u8_weight_twin(graph, twin)
             return self.measure(name, twin, measured_on=on, file=graph.name)
 
-    def against_base(self, graph: Path, base: Path) -> dict[str, Any]:
-        """A flash-attention graph against the graph it rewrites (`FLASH_GATE`): the same model."""
+    def against_base(self, name: str, graph: Path, base: Path) -> dict[str, Any]:
+        """An int8 flash-attention graph against the int8 graph it rewrites, held to the int8 gate: the
+        activations' dynamic quantisation rounds the (slightly different) attention outputs anew, so
+        the two differ by int8 noise, as each does from fp32 (RESULTS.md, "Plain or flash attention")."""
         figures = compare_outputs(self.outputs(graph), self.outputs(base))
-        failures = FLASH_GATE.failures(figures)
-        if failures:
+        gate = gate_for(name, self.opts.gates)
+        failures = gate.failures(figures)
+        if failures and not self.opts.allow_degraded:
             raise GateError(f"{graph.name} disagrees with {base.name}, the graph it rewrites: {'; '.join(failures)}")
-        return {"against": f"{base.name}, held-out built-in samples", **figures, "gate": FLASH_GATE.as_record()}
+        return {"against": f"{base.name}, held-out built-in samples", **figures, "gate": gate.as_record()}
 
     def _held_to(
         self, gate: Gate, file: str, figures: dict[str, Any], measured_on: dict[str, Any] | None
@@ -428,7 +431,7 @@ def _int8_flash_builder(base: str) -> Callable[[ExportContext], GraphInfo]:
             "int8",
             **{**_int8_cpu_fields(ctx), **shape, **fields},
             # Not "validation", which is against PyTorch: the rewrite against the graph it rewrites.
-            against_plain_graph=ctx.variants.against_base(files[0], base_graph),
+            against_plain_graph=ctx.variants.against_base(name, files[0], base_graph),
             fidelity=fidelity,
         )
         return _with_hidden_output(info, int(ctx.config.hidden_size))

@@ -177,11 +177,6 @@ DEFAULT_GATES = {
     "int8": Gate(dense_cos_min=0.99, colbert_cos_mean=0.98, sparse_top10_overlap=0.9),
 }
 
-# A flash-attention graph against the graph it rewrites: the same model and weights, only the
-# attention kernel differs (for int8, the rounding of the activations it feeds the next layer).
-FLASH_GATE = Gate(dense_cos_min=0.999, colbert_cos_mean=0.999)
-
-
 def gate_for(name: str, gates: Mapping[str, Gate] | None = None) -> Gate:
     """The gate of a graph named in the manifest ("int8-u8" -> the "int8" gate), from `gates` or the defaults."""
     chosen = DEFAULT_GATES if gates is None else gates

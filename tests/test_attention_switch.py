@@ -135,3 +135,13 @@ def test_unequal_weights_are_not_shared(artifact, tmp_path):
     assert backend.shared_weights.values == {}
     ids = np.array([[0, 5, 6, 2]], dtype=np.int64)
     assert backend.run(ids, np.ones_like(ids), ["dense_vecs"])["dense_vecs"].shape == (1, 64)
+
+
+def test_without_shared_weights_each_session_has_its_own(artifact):
+    ckpt, path = artifact
+    model = M3Model.load(path, backend_options={"flash_from_tokens": FLASH_FROM, "share_weights": False})
+    assert model.backend.shared_weights is None
+    texts = _texts(3, 2) + _texts(60, 2)
+    got = model.encode(texts, batch_size=2, **EVERYTHING)
+    assert set(model.backend.batches) == {"model.onnx", "model.flash.onnx"}
+    assert_outputs(got, pytorch_encode(ckpt, texts, 8192))

@@ -43,7 +43,7 @@ def _tensorrt_usable() -> bool:
 INT8_CPU_GRAPHS = ("int8", "int8-u8")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 # `backend_options` the ONNX Runtime CPU backend takes (the rest are the CUDA backend's).
-CPU_OPTIONS = ("flash_from_tokens", "long_session_arena")
+CPU_OPTIONS = ("flash_from_tokens", "long_session_arena", "share_weights")
 
 
 def _auto_picks_cuda(precision: str, options: dict[str, Any]) -> bool:
@@ -113,7 +113,8 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
     "cuda:N"; CUDA also when `providers` asks for CUDAExecutionProvider), `backend_options` (keyword
     arguments of `OnnxRuntimeCudaBackend`: cuda_graph, graph_buckets, device_postprocess, colbert_fp16; on the
     CPU, `flash_from_tokens`: the padded length from which batches run on the flash-attention graph, and
-    `long_session_arena`: whether that graph's session keeps ONNX Runtime's memory arena).
+    `long_session_arena`: whether that graph's session keeps ONNX Runtime's memory arena, `share_weights`:
+    whether both graphs' sessions share one unprepacked copy of the weights).
     """
     if name not in BACKENDS:
         raise ArtifactError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

@@ -164,7 +164,9 @@ class OnnxRuntimeBackend:
 
     `long_graph_path`: the same model with flash attention (`model.flash.onnx`); then batches padded to
     `flash_from_tokens` or more run on it, shorter ones on `graph_path`, and requests for outputs only
-    it has (the encoder's hidden states) too. Both sessions share the weights file's tensors;
+    it has (the encoder's hidden states) too. Both sessions share the weights file's tensors, without
+    ONNX Runtime's prepacking (`share_weights=False`: each session its own prepacked copy, twice the
+    weights' memory, faster short int8 batches; RESULTS.md, "Plain or flash attention per batch");
     `long_session_arena=False` runs the flash session without ONNX Runtime's CPU memory arena.
     """
 
@@ -180,6 +182,7 @@ class OnnxRuntimeBackend:
         long_graph_path: Path | None = None,
         flash_from_tokens: int = FLASH_FROM_TOKENS,
         long_session_arena: bool = False,
+        share_weights: bool = True,
     ) -> None:
         providers = list(providers or ["CPUExecutionProvider"])
         self.graph_path = Path(graph_path)
@@ -191,7 +194,9 @@ class OnnxRuntimeBackend:
         # Batches run per graph file name: which graph served what.
         self.batches: Counter[str] = Counter()
         self._count_lock = threading.Lock()
-        shared = SharedWeights(self.graph_path, self.long_graph_path) if self.long_graph_path else None
+        shared = (
+            SharedWeights(self.graph_path, self.long_graph_path) if self.long_graph_path and share_weights else None
+        )
         if shared is not None and not shared.values:
             self.notes.append(
                 f"{self.graph_path.name} and {self.long_graph_path.name} share no external weights here "

@@ -77,11 +77,13 @@ def test_the_default_crossover_is_the_measured_one(artifact):
     from m3rt.backends.onnxruntime import FLASH_FROM_TOKENS
 
     model = M3Model.load(artifact[1])
-    assert model.backend.flash_from_tokens == FLASH_FROM_TOKENS
-    assert model.backend.graph_for(FLASH_FROM_TOKENS - 1).name == "model.onnx"
-    assert model.backend.graph_for(FLASH_FROM_TOKENS).name == "model.flash.onnx"
+    crossover = FLASH_FROM_TOKENS["fp32"]
+    assert model.backend.flash_from_tokens == crossover
+    assert model.backend.graph_for(crossover - 1).name == "model.onnx"
+    assert model.backend.graph_for(crossover).name == "model.flash.onnx"
     # Outputs only the flash graph has go to it whatever the length.
     assert model.backend.graph_for(8, ["last_hidden_state"]).name == "model.flash.onnx"
+    assert M3Model.load(artifact[1], precision="int8").backend.flash_from_tokens == FLASH_FROM_TOKENS["int8"]
 
 
 @pytest.mark.parametrize("value", [0, 1, "512", 2.5, True])

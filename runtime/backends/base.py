@@ -149,7 +149,7 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
             provider_options=cuda_options,
             **{k: v for k, v in dict(options.get("backend_options") or {}).items() if k not in CPU_OPTIONS},
         )
-    from m3rt.backends.onnxruntime import OnnxRuntimeBackend
+    from m3rt.backends.onnxruntime import FLASH_FROM_TOKENS, OnnxRuntimeBackend
 
     notes = []
     if graph in INT8_CPU_GRAPHS:
@@ -164,12 +164,16 @@ def create_backend(name: str, manifest: Manifest, precision: str, **options: Any
         if validated:
             notes.append(validated)
     long_graph = long_document_graph(manifest, graph, device)
+    cpu_options = {k: v for k, v in dict(options.get("backend_options") or {}).items() if k in CPU_OPTIONS}
+    if long_graph:
+        crossover = FLASH_FROM_TOKENS.get(manifest.graph(graph).precision, FLASH_FROM_TOKENS["fp32"])
+        cpu_options.setdefault("flash_from_tokens", crossover)
     engine = OnnxRuntimeBackend(
         manifest.graph_path(graph),
         providers=providers,
         intra_op_threads=options.get("intra_op_threads"),
         long_graph_path=manifest.graph_path(long_graph) if long_graph else None,
-        **{k: v for k, v in dict(options.get("backend_options") or {}).items() if k in CPU_OPTIONS},
+        **cpu_options,
     )
     engine.notes.extend(notes)
     return engine

@@ -89,11 +89,11 @@ def backend_error(exc: BaseException, shape: tuple[int, ...], where: str = "ONNX
     return BackendError(f"{where} failed on a batch of shape {shape}: {exc}")
 
 
-# Padded length from which the CPU backend runs a batch on the flash-attention graph when it has one:
-# below it the plain graph is faster (MultiHeadAttention transposes Q/K/V per layer), from it on the
-# flash graph is faster and never holds a layer's [rows, heads, S, S] scores. Measured on the
-# full-size model, fp32 and int8 (benchmarks/RESULTS.md, "Plain or flash attention per batch").
-FLASH_FROM_TOKENS = 512
+# Padded length from which the CPU backend runs a batch on the flash-attention graph when it has one,
+# per precision: below it the plain graph takes less CPU time (MultiHeadAttention transposes Q/K/V per
+# layer), from it on the flash graph takes less and never holds a layer's [rows, heads, S, S] scores.
+# Measured on the full-size model (benchmarks/RESULTS.md, "Plain or flash attention per batch").
+FLASH_FROM_TOKENS = {"fp32": 512, "int8": 1024}
 
 
 def _external_weights(graph_path: Path) -> dict[str, tuple[str, int, int, np.dtype, tuple[int, ...]]]:
@@ -180,7 +180,7 @@ class OnnxRuntimeBackend:
         intra_op_threads: int | None = None,
         session_config: Mapping[str, str] | None = None,
         long_graph_path: Path | None = None,
-        flash_from_tokens: int = FLASH_FROM_TOKENS,
+        flash_from_tokens: int = FLASH_FROM_TOKENS["fp32"],
         long_session_arena: bool = False,
         share_weights: bool = True,
     ) -> None:

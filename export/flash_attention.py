@@ -211,11 +211,6 @@ def flash_file_name(graph_file: str) -> str:
     return f"{stem}.flash.onnx"
 
 
-def flash_graph_key(graph: str) -> str:
-    """The manifest key of `graph`'s flash-attention twin: "fp32" -> "fp32-flash", "int8" -> "int8-flash"."""
-    return f"{graph}-flash"
-
-
 def write_flash_graph(source: Path, target: Path, num_heads: int) -> list[Path]:
     """`source` (the fp32 export) rewritten into `target`, in the same directory. Weights kept in an
     external data file stay there: the new graph refers to the same file instead of copying it."""

@@ -362,7 +362,13 @@ def run_scenario_bench(args: argparse.Namespace) -> dict[str, Any]:
         "artifact": str(args.artifact),
         "device": args.device,
         "machine": machine_description(),
-        "served": {"graph": setup.model.backend.graph_path.name, "notes": getattr(setup.model.backend, "notes", [])},
+        "served": {
+            "graph": setup.model.backend.graph_path.name,
+            # The CPU backend's flash-attention graph for batches from `flash_from_tokens` padded tokens on.
+            "long_graph": getattr(getattr(setup.model.backend, "long_graph_path", None), "name", None),
+            "flash_from_tokens": getattr(setup.model.backend, "flash_from_tokens", None),
+            "notes": getattr(setup.model.backend, "notes", []),
+        },
         "scenarios": results,
         "summary": table(
             summary_rows(results, args.device == "cuda"), ("measurement", "measured", "target", "verdict")

@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     precision.add_argument(
         "--flash-attention",
-        action="store_true",
-        help="also write model.flash.onnx: the fp32 graph with ONNX Runtime's CPU flash attention (long texts "
-        "in bounded memory; shares model.onnx's weights); the CPU serves it for precision='fp32'",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write model.flash.onnx (and, with --int8, model.int8.flash.onnx ...): the graph with ONNX Runtime's "
+        "CPU flash attention, sharing its plain graph's weights; the CPU runs long batches on it, so long texts "
+        "stay in bounded memory (default: on; --no-flash-attention leaves it out)",
     )
     precision.add_argument(
         "--int8",
@@ -97,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from m3rt.export.artifact import ExportOptions, export_artifact
-        from m3rt.export.validate import Tolerance
-        from m3rt.fidelity import Gate
+        from m3rt.fidelity import Gate, reference_gate
     except ImportError as exc:
         print(
             f"m3-export needs the export extra and an ONNX Runtime: pip install 'm3rt[cpu,export]' ({exc})",
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=args.tokenizer,
         seed=args.seed,
         force=args.force,
-        tolerance=Tolerance(min_cosine=args.min_cosine, max_abs_diff=args.max_abs_diff),
+        tolerance=reference_gate(min_cosine=args.min_cosine, max_abs_diff=args.max_abs_diff),
         fp16=args.fp16 or args.fp16_outputs,
         fp16_outputs=args.fp16_outputs,
         int8=args.int8,

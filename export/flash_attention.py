@@ -207,6 +207,12 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+def flash_file_name(graph_file: str) -> str:
+    """`model.onnx` -> `model.flash.onnx`, `model.int8.onnx` -> `model.int8.flash.onnx`."""
+    stem = graph_file.removesuffix(".onnx")
+    return f"{stem}.flash.onnx"
+
+
 def write_flash_graph(source: Path, target: Path, num_heads: int) -> list[Path]:
     """`source` (the fp32 export) rewritten into `target`, in the same directory. Weights kept in an
     external data file stay there: the new graph refers to the same file instead of copying it."""

@@ -30,7 +30,8 @@ import onnx
 from m3rt.export.onnx_graph import save_model
 from m3rt.export.reference import M3Reference
 from m3rt.export.samples import sample_texts
-from m3rt.export.validate import Tolerance, check_tolerance, compare_with_reference
+from m3rt.export.validate import REFERENCE_GATE, check_reference, compare_with_reference
+from m3rt.fidelity import Gate
 
 GRAPH_KEY = "fp16-fused"
 FILE_NAME = "model.fp16.fused.onnx"
@@ -141,7 +142,7 @@ def build_fused_fp16(
     reference: M3Reference,
     staging: Path,
     pad_id: int,
-    tolerance: Tolerance | None = None,
+    tolerance: Gate | None = None,
     texts: list[str] | None = None,
 ) -> FusedGraph:
     """Fuse `staging/model.onnx`, check the fused fp32 graph against PyTorch, write the fp16 file.
@@ -165,7 +166,7 @@ def build_fused_fp16(
         validation = compare_with_reference(
             reference, fused32, staging / "tokenizer.json", texts or sample_texts(), pad_id
         )
-        check_tolerance(validation, tolerance or Tolerance(), "the transformer-optimizer-fused fp32 graph")
+        check_reference(validation, tolerance or REFERENCE_GATE, "the transformer-optimizer-fused fp32 graph")
         weightless = onnx.load(str(fused32), load_external_data=False)
         model16 = convert_fused_fp16(fused, weightless)
     files = save_model(model16, staging / FILE_NAME)

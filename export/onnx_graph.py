@@ -77,12 +77,13 @@ def inline_initializer_aliases(model: onnx.ModelProto) -> None:
         model.graph.node.remove(node)
 
 
-def save_model(model: onnx.ModelProto, out_path: Path) -> list[Path]:
+def save_model(model: onnx.ModelProto, out_path: Path, external: bool = False) -> list[Path]:
+    """`external`: weights in `<file>.data` whatever their size (a flash-attention twin shares that file)."""
     data_path = out_path.with_name(out_path.name + ".data")
     for stale in (out_path, data_path):
         stale.unlink(missing_ok=True)
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+    if external or weight_bytes > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
             model,
             str(out_path),

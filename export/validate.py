@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,35 +11,14 @@ from tqdm.auto import tqdm
 from m3rt.backends.onnxruntime import OnnxRuntimeBackend
 from m3rt.errors import ExportError
 from m3rt.export.reference import M3Reference
-from m3rt.fidelity import cosines
+from m3rt.fidelity import REFERENCE_GATE, Gate, HeadStats
 from m3rt.manifest import OUTPUT_NAMES
 from m3rt.scheduler import pad_batch
 from m3rt.tokenizer import M3Tokenizer
 
 
 class ValidationError(ExportError):
-    """The exported graph deviates from the reference beyond tolerance."""
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    min_cosine: float = 0.99999
-    max_abs_diff: float = 1e-3
-
-
-class _Stats:
-    def __init__(self) -> None:
-        self.max_abs = 0.0
-        self.min_cos = 1.0
-
-    def add(self, got: np.ndarray, want: np.ndarray) -> None:
-        if got.size == 0:
-            return
-        self.max_abs = max(self.max_abs, float(np.abs(got - want).max()))
-        self.min_cos = min(self.min_cos, float(cosines(got, want).min()))
-
-    def as_dict(self) -> dict[str, float]:
-        return {"max_abs_diff": self.max_abs, "min_cosine": self.min_cos}
+    """The exported graph deviates from the reference beyond its gate."""
 
 
 def compare_with_reference(
@@ -58,7 +36,7 @@ def compare_with_reference(
     """
     backend = OnnxRuntimeBackend(graph_path)
     ids = M3Tokenizer(tokenizer_path).encode(texts, max_length=max_length).ids
-    stats = {name: _Stats() for name in OUTPUT_NAMES}
+    stats = {name: HeadStats() for name in OUTPUT_NAMES}
     for start in tqdm(range(0, len(ids), batch_size), desc="validate vs PyTorch", leave=False):
         batch = pad_batch(ids, np.arange(start, min(start + batch_size, len(ids))), pad_id)
         got = backend.run(batch.input_ids, batch.attention_mask, OUTPUT_NAMES)
@@ -81,12 +59,11 @@ def compare_with_reference(
     }
 
 
-def check_tolerance(figures: dict[str, object], tol: Tolerance, what: str) -> None:
-    failures = [
-        f"{name}: max abs diff {h['max_abs_diff']:.3g} (limit {tol.max_abs_diff:g}), "
-        f"min cosine {h['min_cosine']:.7f} (limit {tol.min_cosine})"
-        for name, h in figures["heads"].items()
-        if h["max_abs_diff"] > tol.max_abs_diff or h["min_cosine"] < tol.min_cosine
-    ]
+def check_reference(figures: dict[str, object], gate: Gate, what: str) -> None:
+    """ValidationError naming every figure of `compare_with_reference` outside `gate`."""
+    failures = gate.failures(figures)
     if failures:
         raise ValidationError(f"{what} deviates from the PyTorch reference:\n  " + "\n  ".join(failures))
+
+
+__all__ = ["REFERENCE_GATE", "ValidationError", "check_reference", "compare_with_reference"]

@@ -165,7 +165,9 @@ def two_term_int8(model: onnx.ModelProto, node_names: Sequence[str]) -> int:
     return count
 
 
-def quantize_int8_cpu(src: Path, dst: Path, sensitive_layers: Sequence[int] = INT8_SENSITIVE_LAYERS) -> list[Path]:
+def quantize_int8_cpu(
+    src: Path, dst: Path, sensitive_layers: Sequence[int] = INT8_SENSITIVE_LAYERS, external: bool = False
+) -> list[Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src), load_external_data=False)
@@ -183,7 +185,7 @@ def quantize_int8_cpu(src: Path, dst: Path, sensitive_layers: Sequence[int] = IN
         )
         quantized = onnx.load(str(raw), load_external_data=True)
     two_term_int8(quantized, sensitive)
-    return save_model(quantized, dst)
+    return save_model(quantized, dst, external=external)
 
 
 # Integer MatMuls of the CPU graphs: (index of the weight input, index of its zero point).
@@ -212,12 +214,12 @@ def u8_weight_twin(model: onnx.ModelProto) -> int:
     return len(changed)
 
 
-def write_u8_weight_twin(src: Path, dst: Path) -> list[Path]:
+def write_u8_weight_twin(src: Path, dst: Path, external: bool = False) -> list[Path]:
     """`model.int8.u8.onnx` from `model.int8.onnx`."""
     model = onnx.load(str(src), load_external_data=True)
     if not u8_weight_twin(model):
         raise ValueError(f"{src} has no int8 weights of integer MatMuls to rewrite")
-    return save_model(model, dst)
+    return save_model(model, dst, external=external)
 
 
 class _CalibrationReader:

@@ -114,10 +114,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from m3rt.fidelity import DEFAULT_GATES, Gate
     from m3rt.manifest import load_manifest
     from m3rt.placement import resolve
-    from m3rt.validation import HeldoutComparison
+    from m3rt.validation import HeldoutComparison, gate_of
 
     manifest = load_manifest(args.artifact, verify=not args.no_verify)
 
@@ -136,16 +135,16 @@ def _compare(args: argparse.Namespace) -> int:
             raise InputError(f"{args.texts} has no text lines")
     comparison = HeldoutComparison(manifest, manifest.graph_path(want), texts)
     figures = comparison.figures(manifest.graph_path(got))
-    gate = DEFAULT_GATES.get(args.precision, Gate())
+    gate = gate_of(manifest.graph(got))
     failures = gate.failures(figures)
     if args.json:
-        print(json.dumps({"graph": got, "against": want, **figures, "gate": vars(gate), "passed": not failures}))
+        print(json.dumps({"graph": got, "against": want, **figures, "gate": gate.as_record(), "passed": not failures}))
     else:
         print(f"{manifest.graph(got).file} vs {manifest.graph(want).file} on {figures['texts']} texts:")
         for name, value in figures.items():
             if name != "texts":
                 print(f"  {name:28s} {value:.6f}")
-        print(f"gate {vars(gate)}: {'passed' if not failures else 'FAILED: ' + '; '.join(failures)}")
+        print(f"gate {gate.as_record()}: {'passed' if not failures else 'FAILED: ' + '; '.join(failures)}")
     return 0 if not failures else error_answer(BelowGateError()).exit_code
 
 

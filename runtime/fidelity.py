@@ -1,15 +1,21 @@
-"""How far a variant's outputs are from the fp32 reference: the metrics of the accuracy gates.
+"""How far one set of outputs is from another, and the thresholds they are held to: the one comparator
+of the export's PyTorch check, the precision variants' gates, the runtime's int8 check and the TensorRT
+engine check.
 
-Inputs are `encode` results of the same texts (all three outputs) from two models.
+`compare_outputs` takes `encode` results of the same texts (all three outputs) from two models;
+`HeadStats` accumulates raw head outputs (the export's check against PyTorch, per real position).
+`Gate` holds a limit per figure, each its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+from m3rt.heads import HEAD_OUTPUTS
 
 TOP_K = 10
 
@@ -24,6 +30,35 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, dot / np.maximum(norms, 1e-30), np.where(np.abs(a - b).max(-1) == 0, 1.0, 0.0))
 
 
+class HeadStats:
+    """One output head over pairs of vector sets: largest absolute difference, least and mean cosine."""
+
+    def __init__(self) -> None:
+        self.max_abs_diff = 0.0
+        self.min_cosine = 1.0
+        self._cos_sum = 0.0
+        self._count = 0
+
+    def add(self, got: np.ndarray, want: np.ndarray) -> None:
+        got, want = np.asarray(got), np.asarray(want)
+        if got.shape != want.shape:
+            raise ValueError(f"outputs of different shapes compared: {got.shape} and {want.shape}")
+        if got.size == 0:
+            return
+        cos = cosines(got, want).reshape(-1)
+        self.max_abs_diff = max(self.max_abs_diff, float(np.abs(got.astype(np.float64) - want).max()))
+        self.min_cosine = min(self.min_cosine, float(cos.min()))
+        self._cos_sum += float(cos.sum())
+        self._count += cos.size
+
+    @property
+    def mean_cosine(self) -> float:
+        return self._cos_sum / self._count if self._count else 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"max_abs_diff": self.max_abs_diff, "min_cosine": self.min_cosine}
+
+
 def _top(weights: Mapping[str, float], k: int) -> set[str]:
     return set(sorted(weights, key=weights.__getitem__, reverse=True)[:k])
 
@@ -31,10 +66,12 @@ def _top(weights: Mapping[str, float], k: int) -> set[str]:
 def compare_outputs(got: dict[str, Any], want: dict[str, Any], top_k: int = TOP_K) -> dict[str, float]:
     """Dense and per-vector ColBERT cosine (min, mean); sparse top-k overlap, Jaccard of kept
     tokens and weight error on shared tokens (max, and mean relative to the text's top weight)."""
-    dense = cosines(got["dense_vecs"], want["dense_vecs"])
-    colbert = np.concatenate(
-        [cosines(g, w) for g, w in zip(got["colbert_vecs"], want["colbert_vecs"]) if len(w)] or [np.ones(1)]
-    )
+    if len(got["dense_vecs"]) != len(want["dense_vecs"]) or len(got["colbert_vecs"]) != len(want["colbert_vecs"]):
+        raise ValueError("outputs of different numbers of texts compared")
+    dense, colbert = HeadStats(), HeadStats()
+    dense.add(got["dense_vecs"], want["dense_vecs"])
+    for g, w in zip(got["colbert_vecs"], want["colbert_vecs"]):
+        colbert.add(g, w)
     overlaps, jaccards, abs_errors, rel_errors = [], [], [], []
     for g, w in zip(got["lexical_weights"], want["lexical_weights"]):
         if not w and not g:
@@ -48,11 +85,13 @@ def compare_outputs(got: dict[str, Any], want: dict[str, Any], top_k: int = TOP_
             abs_errors.append(diff.max())
             rel_errors.append(diff.mean() / max(float(max(w.values())), 1e-12))
     return {
-        "texts": len(dense),
-        "dense_cos_min": float(dense.min()) if dense.size else 1.0,
-        "dense_cos_mean": float(dense.mean()) if dense.size else 1.0,
-        "colbert_cos_min": float(colbert.min()),
-        "colbert_cos_mean": float(colbert.mean()),
+        "texts": len(got["dense_vecs"]),
+        "dense_cos_min": dense.min_cosine,
+        "dense_cos_mean": dense.mean_cosine,
+        "dense_max_abs_diff": dense.max_abs_diff,
+        "colbert_cos_min": colbert.min_cosine,
+        "colbert_cos_mean": colbert.mean_cosine,
+        "colbert_max_abs_diff": colbert.max_abs_diff,
         f"sparse_top{top_k}_overlap": float(np.mean(overlaps)) if overlaps else 1.0,
         "sparse_jaccard": float(np.mean(jaccards)) if jaccards else 1.0,
         "sparse_weight_max_abs_err": float(np.max(abs_errors)) if abs_errors else 0.0,
@@ -60,21 +99,74 @@ def compare_outputs(got: dict[str, Any], want: dict[str, Any], top_k: int = TOP_
     }
 
 
-@dataclass(frozen=True)
+def flat_figures(figures: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"heads": {"dense_vecs": {"min_cosine": x}}} -> {"heads.dense_vecs.min_cosine": x}; numbers only."""
+    flat: dict[str, float] = {}
+    for key, value in figures.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_figures(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+# Figures that must stay at or below their limit (differences, errors); every other one at or above.
+_UPPER_BOUNDED = ("max_abs", "_err")
+
+
 class Gate:
-    """Least acceptable figures; None leaves a metric unchecked."""
+    """A limit per checked figure (`compare_outputs` names, or dotted paths into nested figures such as
+    "heads.dense_vecs.min_cosine"); a figure without a limit is not checked. Differences and errors are
+    upper bounds, cosines and overlaps lower bounds. A limited figure that was not measured, or is not
+    finite, fails."""
 
-    dense_cos_min: float | None = None
-    colbert_cos_mean: float | None = None
-    sparse_top10_overlap: float | None = None
+    def __init__(self, limits: Mapping[str, float | None] | None = None, /, **named: float | None) -> None:
+        merged = {**(limits or {}), **named}
+        self.limits = {name: float(limit) for name, limit in merged.items() if limit is not None}
 
-    def failures(self, figures: Mapping[str, float]) -> list[str]:
-        return [
-            f"{name} {figures[name]:.5f} < {limit}"
-            for name, limit in vars(self).items()
-            if limit is not None and figures[name] < limit
-        ]
+    @staticmethod
+    def is_upper_bound(name: str) -> bool:
+        return any(part in name for part in _UPPER_BOUNDED)
 
+    def failures(self, figures: Mapping[str, Any]) -> list[str]:
+        flat = flat_figures(figures)
+        found = []
+        for name, limit in self.limits.items():
+            value = flat.get(name)
+            if value is None:
+                found.append(f"{name} not measured")
+            elif self.is_upper_bound(name) and not value <= limit:
+                found.append(f"{name} {value:.5g} > {limit:g}")
+            elif not self.is_upper_bound(name) and not (math.isfinite(value) and value >= limit):
+                found.append(f"{name} {value:.7g} < {limit:g}")
+        return found
+
+    def as_record(self) -> dict[str, float]:
+        """What the manifest records (`Gate(record)` reads it back)."""
+        return dict(self.limits)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Gate) and other.limits == self.limits
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.limits.items())))
+
+    def __repr__(self) -> str:
+        return f"Gate({self.limits!r})"
+
+
+def reference_gate(
+    min_cosine: float = 0.99999, max_abs_diff: float = 1e-3, heads: Iterable[str] = HEAD_OUTPUTS
+) -> Gate:
+    """An exported graph against the PyTorch reference: every head's least cosine and largest abs difference."""
+    limits: dict[str, float] = {}
+    for head in heads:
+        limits[f"heads.{head}.min_cosine"] = min_cosine
+        limits[f"heads.{head}.max_abs_diff"] = max_abs_diff
+    return Gate(limits)
+
+
+REFERENCE_GATE = reference_gate()
 
 # A TensorRT engine against ONNX Runtime on the same graph: the same model, so only kernel-level
 # differences are allowed (a silent miscompile fails the export).
@@ -84,3 +176,8 @@ DEFAULT_GATES = {
     "fp16": Gate(dense_cos_min=0.999),
     "int8": Gate(dense_cos_min=0.99, colbert_cos_mean=0.98, sparse_top10_overlap=0.9),
 }
+
+def gate_for(name: str, gates: Mapping[str, Gate] | None = None) -> Gate:
+    """The gate of a graph named in the manifest ("int8-u8" -> the "int8" gate), from `gates` or the defaults."""
+    chosen = DEFAULT_GATES if gates is None else gates
+    return chosen.get(name.split("-")[0], Gate())

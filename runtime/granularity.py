@@ -327,11 +327,14 @@ def assemble(
 def _check_hidden_output(model: Any) -> None:
     """MCLS reads the encoder's last hidden states: only graphs that output them can serve it."""
     placement = model.placement
-    if placement is None or HIDDEN_OUTPUT in placement.outputs():
+    if placement is None:
         return  # a backend built by hand: the backend itself refuses an output its graph lacks
+    # A backend serving a flash-attention graph beside the plain one runs hidden-state requests on it.
+    if placement.plan is None and any(HIDDEN_OUTPUT in g.details.get("outputs", {}) for g in placement.graphs):
+        return
     raise InputError(
         "long_document='mcls' needs the encoder's last hidden states, which the served graph does not output; "
-        "export with m3-export --flash-attention (ONNX Runtime CPU), or use long_document='windows'"
+        "export with m3-export's flash-attention graph (the default; ONNX Runtime CPU), or use long_document='windows'"
     )
 
 

@@ -54,11 +54,17 @@ class MemoryModel:
     hidden_size: int
     num_heads: int
     quadratic_attention: bool  # False for the flash-attention graph
+    # With both graphs served (`OnnxRuntimeBackend(long_graph_path=...)`): batches padded to this many
+    # tokens or more run on the flash graph and hold no score tensors.
+    flash_from_tokens: int | None = None
+
+    def holds_scores(self, length: int) -> bool:
+        return self.quadratic_attention and (self.flash_from_tokens is None or length < self.flash_from_tokens)
 
     def batch_bytes(self, rows: int, length: int) -> int:
         """Estimated peak activation bytes of one batch of `rows` texts padded to `length` tokens."""
         linear = rows * length * PER_TOKEN_HIDDEN_FLOATS * self.hidden_size * 4
-        scores = SCORE_COPIES * rows * self.num_heads * length * length * 4 if self.quadratic_attention else 0
+        scores = SCORE_COPIES * rows * self.num_heads * length * length * 4 if self.holds_scores(length) else 0
         return linear + scores
 
     def max_rows(self, length: int, budget: int) -> int:
@@ -75,7 +81,7 @@ def memory_rows(model: MemoryModel, budget: int) -> Callable[[int], int]:
         fitting = model.max_rows(length, budget)
         if fitting < 1:
             need = model.batch_bytes(1, length) / 2**30
-            hint = "" if not model.quadratic_attention else ", or export with --flash-attention"
+            hint = "" if not model.holds_scores(length) else ", or keep the export's flash-attention graph"
             raise InputError(
                 f"a text of {length} tokens needs about {need:.1f} GiB of activations, over the memory budget of "
                 f"{budget / 2**30:.1f} GiB; raise memory_budget, lower max_length{hint}"
@@ -85,11 +91,18 @@ def memory_rows(model: MemoryModel, budget: int) -> Callable[[int], int]:
     return rows
 
 
-def budget_rows(manifest: Any, placement: Any, budget: int | str | None) -> Callable[[int], int] | None:
-    """`memory_rows` for what `placement` (an `m3rt.placement.Placement`) runs, or None without a budget.
-    Without a placement (a backend built by hand) every batch is costed as the plain graph's."""
+def budget_rows(
+    manifest: Any, placement: Any, budget: int | str | None, flash_from_tokens: int | None = None
+) -> Callable[[int], int] | None:
+    """`memory_rows` for what `placement` (an `m3rt.placement.Placement`) runs, or None without a budget;
+    `flash_from_tokens`: the backend's crossover to the placement's long-document graph. Without a
+    placement (a backend built by hand) every batch is costed as the plain graph's."""
     if budget is None:
         return None
+    # Where the backend serves a flash-attention graph beside the plain one, a batch's graph follows its
+    # padded length (from `flash_from_tokens` on, flash: no layer's scores held whole).
     quadratic = True if placement is None else placement.quadratic_attention
+    long_graph = None if placement is None else placement.long_document_graph
     heads = int(manifest.data["model"].get("num_attention_heads", manifest.hidden_size // 64))
-    return memory_rows(MemoryModel(manifest.hidden_size, heads, quadratic), parse_bytes(budget))
+    cost = MemoryModel(manifest.hidden_size, heads, quadratic, flash_from_tokens if long_graph else None)
+    return memory_rows(cost, parse_bytes(budget))

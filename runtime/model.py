@@ -103,7 +103,9 @@ class M3Model:
         # The three heads, on the host or on the GPU where a backend leaves its outputs.
         self.postprocessor = postprocessor or PostProcessor(self.unused_ids)
         # Rows per batch at a padded length under `memory_budget` (bytes or "6GiB"; None: no limit).
-        self._memory_rows = budget_rows(manifest, placement, memory_budget)
+        self._memory_rows = budget_rows(
+            manifest, placement, memory_budget, getattr(backend, "flash_from_tokens", None)
+        )
         # Locking, row limits and out-of-memory retries, by what the backend says it can do.
         self._runner = BatchRunner(backend)
         if self._runner.capabilities.output_device is not None:

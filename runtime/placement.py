@@ -155,9 +155,6 @@ def select_graph(manifest: Manifest, precision: str, device: str | Device) -> st
     name = precision
     if kind == "cuda" and precision == "fp16" and manifest.has_graph("fp16-fused"):
         name = "fp16-fused"
-    # The same fp32 model with ONNX Runtime's CPU flash attention: scores never held whole (long texts).
-    if kind == "cpu" and precision == "fp32" and manifest.has_graph("fp32-flash"):
-        name = "fp32-flash"
     if kind == "cpu" and precision == "int8" and not manifest.has_graph(name) and manifest.has_graph("int8-u8"):
         name = "int8-u8"
     graph = manifest.graph(name)
@@ -246,20 +243,42 @@ def _place(manifest: Manifest, precision: str, engine: str, device: Device) -> P
     if isinstance(record, EngineInfo):
         built_from = [g for g in map(manifest.graph, manifest.graph_names) if g.file == record.built_from]
         return Placement(engine, device, precision, built_from[0] if built_from else None, plan=record)
-    if device.kind != "cpu" or record.name not in INT8_CPU_GRAPHS:
+    if device.kind != "cpu":
         return Placement(engine, device, precision, record)
+    if record.name not in INT8_CPU_GRAPHS:
+        return Placement(engine, device, precision, record, long_document_graph=_flash_twin(manifest, record))
     kernel = int8_arithmetic.int8_kernel()  # looked up when called: tests stand in another CPU's
     if precision == "int8":
         record = manifest.graph(int8_graph_for(manifest, kernel))
     return Placement(
-        engine, device, precision, record, int8_kernel=kernel, int8_check=not served_as_measured(record, kernel)
+        engine,
+        device,
+        precision,
+        record,
+        long_document_graph=_flash_twin(manifest, record),
+        int8_kernel=kernel,
+        int8_check=not served_as_measured(record, kernel),
     )
+
+
+def _flash_twin(manifest: Manifest, graph: GraphInfo) -> GraphInfo | None:
+    """The flash-attention twin of a CPU graph (`<graph>-flash`: the same weights, scores never held
+    whole), which ONNX Runtime's CPU backend runs long batches on; None when the artifact has none."""
+    twin = f"{graph.name}-flash"
+    return manifest.graph(twin) if manifest.has_graph(twin) else None
+
+
+# `backend_options` of ONNX Runtime's CPU backend (the rest are its CUDA backend's).
+CPU_OPTIONS = ("flash_from_tokens", "long_session_arena", "share_weights")
 
 
 def create_backend(manifest: Manifest, placement: Placement, **options: Any) -> Any:
     """The backend of `placement`. Options: `providers` (ONNX Runtime provider list),
     `intra_op_threads`, `backend_options` (keyword arguments of `OnnxRuntimeCudaBackend`:
-    cuda_graph, graph_buckets, device_postprocess, colbert_fp16)."""
+    cuda_graph, graph_buckets, device_postprocess, colbert_fp16; on the CPU, `flash_from_tokens`: the
+    padded length from which batches run on the flash-attention graph, `long_session_arena`: whether
+    that graph's session keeps ONNX Runtime's memory arena, `share_weights`: whether both graphs'
+    sessions share one unprepacked copy of the weights)."""
     return ENGINES[placement.engine].create(manifest, placement, options)
 
 
@@ -304,11 +323,22 @@ def _onnxruntime_create(manifest: Manifest, placement: Placement, options: Mappi
             device_id=placement.device.index,
             pad_id=manifest.special_tokens["pad"],
             provider_options=cuda_options,
-            **dict(options.get("backend_options") or {}),
+            **{k: v for k, v in dict(options.get("backend_options") or {}).items() if k not in CPU_OPTIONS},
         )
-    from m3rt.backends.onnxruntime import OnnxRuntimeBackend
+    from m3rt.backends.onnxruntime import FLASH_FROM_TOKENS, OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(path, providers=providers, intra_op_threads=options.get("intra_op_threads"))
+    cpu_options = {k: v for k, v in dict(options.get("backend_options") or {}).items() if k in CPU_OPTIONS}
+    long_graph = placement.long_document_graph
+    if long_graph is not None:
+        crossover = FLASH_FROM_TOKENS.get(placement.graph.precision, FLASH_FROM_TOKENS["fp32"])
+        cpu_options.setdefault("flash_from_tokens", crossover)
+    return OnnxRuntimeBackend(
+        path,
+        providers=providers,
+        intra_op_threads=options.get("intra_op_threads"),
+        long_graph_path=manifest.root / long_graph.file if long_graph is not None else None,
+        **cpu_options,
+    )
 
 
 def _tensorrt_select(manifest: Manifest, precision: str, device: Device) -> EngineInfo:

@@ -15,7 +15,7 @@ from typing import Any
 
 from m3rt.core import BatchRunner
 from m3rt.errors import ArtifactError
-from m3rt.fidelity import DEFAULT_GATES, Gate, compare_outputs
+from m3rt.fidelity import Gate, compare_outputs, gate_for
 from m3rt.heads import HEAD_OUTPUTS, HEADS, OUTPUT_SPARSE, unused_token_ids
 from m3rt.int8_kernel import Int8Kernel, int8_kernel
 from m3rt.manifest import GraphInfo, Manifest
@@ -72,7 +72,7 @@ class HeldoutComparison:
 
 def gate_of(graph: GraphInfo) -> Gate:
     """The gate a graph records (what its export was held to), else the default for its precision."""
-    return Gate(**graph.gate) if graph.gate else DEFAULT_GATES.get(graph.precision, Gate())
+    return Gate(graph.gate) if graph.gate else gate_for(graph.precision)
 
 
 def check_int8_on_this_cpu(manifest: Manifest, name: str, kernel: Int8Kernel | None = None) -> str | None:
@@ -111,5 +111,5 @@ def check_int8_on_this_cpu(manifest: Manifest, name: str, kernel: Int8Kernel | N
     return (
         f"{graph.file} validated on this CPU at load ({kernel.describe()}): dense cos min "
         f"{figures['dense_cos_min']:.4f}, ColBERT mean {figures['colbert_cos_mean']:.4f}, sparse top-10 "
-        f"{figures['sparse_top10_overlap']:.3f} (gate {vars(gate)})"
+        f"{figures['sparse_top10_overlap']:.3f} (gate {gate.as_record()})"
     )

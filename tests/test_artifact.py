@@ -17,7 +17,7 @@ def test_manifest_records_everything(tiny):
     ckpt, artifact = tiny
     data = json.loads((artifact / "m3rt.json").read_text())
     assert data["format"] == "m3rt-artifact" and data["format_version"] == 1
-    assert set(data["files"]) == {"model.onnx", "tokenizer.json"}
+    assert set(data["files"]) == {"model.onnx", "model.flash.onnx", "tokenizer.json"}
     for name, rec in data["files"].items():
         assert rec["sha256"] == sha256_file(artifact / name) and rec["size"] == (artifact / name).stat().st_size
     assert set(data["source"]["files"]) >= {"config.json", "colbert_linear.pt", "sparse_linear.pt", "tokenizer.json"}

@@ -27,6 +27,16 @@ def flash_artifact(tiny, tmp_path_factory):
     return ckpt, out
 
 
+@pytest.fixture(scope="module")
+def plain_artifact(tiny, tmp_path_factory):
+    """The export without its flash-attention graph (m3-export --no-flash-attention)."""
+    from m3rt.export.artifact import ExportOptions, export_artifact
+
+    out = tmp_path_factory.mktemp("plain") / "artifact"
+    export_artifact(ExportOptions(model=str(tiny[0]), output=out, flash_attention=False))
+    return out
+
+
 def test_manifest_lists_a_validated_flash_graph_that_the_cpu_serves(flash_artifact):
     _, artifact = flash_artifact
     data = json.loads((artifact / "m3rt.json").read_text())
@@ -38,7 +48,8 @@ def test_manifest_lists_a_validated_flash_graph_that_the_cpu_serves(flash_artifa
     layers = data["model"]["num_hidden_layers"]
     assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
     model = M3Model.load(artifact)
-    assert model.backend.graph_path.name == "model.flash.onnx"
+    # Long batches run on it, short ones on model.onnx (tests/test_attention_switch.py).
+    assert model.backend.long_graph_path.name == "model.flash.onnx" and model.backend.graph_path.name == "model.onnx"
     assert M3Model.load(artifact, precision="fp32-flash").backend.graph_path.name == "model.flash.onnx"
 
 
@@ -49,11 +60,11 @@ def test_flash_graph_matches_pytorch_with_padding(flash_artifact, texts, batch_s
     assert_outputs(ours, pytorch_encode(ckpt, texts, max_length))
 
 
-def test_flash_graph_equals_the_plain_graph_on_a_long_text(flash_artifact, tiny):
+def test_flash_graph_equals_the_plain_graph_on_a_long_text(flash_artifact, plain_artifact):
     _, artifact = flash_artifact
     text = " ".join(f"word{i} and sentence {i % 17}." for i in range(600))
-    flash = M3Model.load(artifact).encode([text, "short"], **EVERYTHING)
-    plain = M3Model.load(tiny[1]).encode([text, "short"], **EVERYTHING)
+    flash = M3Model.load(artifact, precision="fp32-flash").encode([text, "short"], **EVERYTHING)
+    plain = M3Model.load(plain_artifact).encode([text, "short"], **EVERYTHING)
     assert plain["colbert_vecs"][0].shape[0] > 2000
     np.testing.assert_allclose(flash["dense_vecs"], plain["dense_vecs"], atol=1e-5)
     for got, want in zip(flash["colbert_vecs"], plain["colbert_vecs"]):
@@ -84,7 +95,8 @@ def test_mcls_under_256_tokens_is_plain_cls_pooling(flash_artifact):
     model = M3Model.load(artifact)
     text = "A short document about the Amazon river and its many tributaries."
     doc = model.encode(text, granularity="document", granularity_options={"long_document": "mcls"}, **EVERYTHING)
-    plain = model.encode(text, **EVERYTHING)
+    # MCLS reads the flash graph's hidden states: its plain <s> pooling, on the same graph, is the reference.
+    plain = M3Model.load(artifact, precision="fp32-flash").encode(text, **EVERYTHING)
     np.testing.assert_allclose(doc["document"]["dense_vecs"][0], plain["dense_vecs"], atol=1e-6)
     assert doc["document"]["lexical_weights"][0] == plain["lexical_weights"]
     np.testing.assert_array_equal(doc["document"]["colbert_vecs"][0], plain["colbert_vecs"])
@@ -117,17 +129,17 @@ def test_mcls_pools_the_hidden_states_of_a_cls_every_256_tokens(flash_artifact):
     assert float(plain @ want) < 0.9999  # MCLS is not the first <s> alone
 
 
-def test_mcls_needs_a_graph_with_hidden_states(tiny):
-    model = M3Model.load(tiny[1])
+def test_mcls_needs_a_graph_with_hidden_states(plain_artifact):
+    model = M3Model.load(plain_artifact)
     with pytest.raises(InputError, match="flash-attention"):
         model.encode("text", granularity="document", granularity_options={"long_document": "mcls"})
 
 
-def test_a_memory_budget_counts_score_matrices_only_on_the_plain_graph(flash_artifact, tiny):
+def test_a_memory_budget_counts_score_matrices_only_on_the_plain_graph(flash_artifact, plain_artifact):
     _, artifact = flash_artifact
     # Tiny model, 8192 tokens: two [4, 8192, 8192] float32 score tensors are 2 GiB on the plain graph.
     flash = M3Model.load(artifact, memory_budget="1GiB")
-    plain = M3Model.load(tiny[1], memory_budget="1GiB")
+    plain = M3Model.load(plain_artifact, memory_budget="1GiB")
     assert flash._memory_rows(8192) >= 1
     with pytest.raises(InputError, match="flash-attention"):
         plain._memory_rows(8192)
@@ -139,7 +151,7 @@ def test_long_document_benchmark_runs(flash_artifact, tmp_path, capsys):
     from m3rt.benchmarks.long_document import main
 
     _, artifact = flash_artifact
-    assert main(["flash", str(artifact), "--tokens", "64", "--mcls", "--out", str(tmp_path)]) == 0
+    assert main(["flash", str(artifact), "--tokens", "600", "--mcls", "--out", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["graph"] == "model.flash.onnx" and report["tokens"] == 64 and report["mcls_seconds"] > 0
-    assert np.load(tmp_path / "flash_colbert.npy").shape[0] == 63
+    assert report["graph"] == "model.flash.onnx" and report["tokens"] == 600 and report["mcls_seconds"] > 0
+    assert np.load(tmp_path / "flash_colbert.npy").shape[0] == 599

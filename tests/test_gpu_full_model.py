@@ -110,7 +110,13 @@ def test_fused_fp16_is_within_the_fp16_gates_of_pytorch_fp32(full, texts):
     gate = DEFAULT_GATES["fp16"]
     _record(
         "fused_fp16_vs_pytorch_fp32",
-        {**figures, "texts": len(texts), "limits": FULL_MODEL_LIMITS, "device_postprocess": device_reduced},
+        {
+            **figures,
+            "texts": len(texts),
+            "gate": gate.as_record(),
+            "limits": FULL_MODEL_LIMITS,
+            "device_postprocess": device_reduced,
+        },
     )
     assert device_reduced, model.postprocessor.notes
     assert not gate.failures(figures), figures

@@ -62,7 +62,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "m3rt.kernels": ("m3rt.errors", "m3rt.kernels"),
     "m3rt.scheduler": (),
     "m3rt.int8_kernel": (),
-    "m3rt.fidelity": (),
+    "m3rt.fidelity": ("m3rt.heads",),
     "m3rt.long_document": (),
     "m3rt.samples": (),
     "m3rt.ray_loopback": (),

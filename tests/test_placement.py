@@ -87,7 +87,9 @@ def test_the_model_keeps_its_placement(tiny_model):
     placement = tiny_model.placement
     assert (placement.engine, placement.device, placement.precision) == ("onnxruntime", ("cpu", 0), "fp32")
     assert placement.graph.file == tiny_model.backend.graph_path.name == "model.onnx"
-    assert placement.int8_kernel is None and placement.long_document_graph is None
+    assert placement.int8_kernel is None
+    # The default export writes the flash-attention twin, which the backend runs long batches on.
+    assert placement.long_document_graph.file == tiny_model.backend.long_graph_path.name == "model.flash.onnx"
     assert placement.quadratic_attention and "dense_vecs" in placement.outputs()
 
 
@@ -95,16 +97,20 @@ def test_the_memory_budget_reads_the_placement(tiny):
     manifest = load_manifest(tiny[1])
     data = copy.deepcopy(manifest.data)
     data["graphs"]["fp32-flash"] = {**data["graphs"]["fp32"], "attention": "flash"}
-    flash = resolve(Manifest(root=manifest.root, data=data))
-    plain = resolve(manifest)
-    assert flash.graph.name == "fp32-flash" and not flash.quadratic_attention and plain.quadratic_attention
+    both = resolve(Manifest(root=manifest.root, data=data))
+    plain_data = copy.deepcopy(data)
+    del plain_data["graphs"]["fp32-flash"]
+    plain = resolve(Manifest(root=manifest.root, data=plain_data))
+    assert both.graph.name == "fp32" and both.long_document_graph.name == "fp32-flash"
+    assert plain.long_document_graph is None
     heads = int(manifest.data["model"]["num_attention_heads"])
     budget, length = 2**30, 1024
-    for placement, quadratic in ((flash, False), (plain, True)):
-        # A batch's cost counts the [heads, length, length] scores only where the graph holds them whole.
+    # A batch's cost counts the [heads, length, length] scores only where its graph holds them whole:
+    # with both graphs, from the backend's crossover on the batch runs on the flash graph.
+    for placement, crossover, quadratic in ((both, 1024, False), (both, 2048, True), (plain, 1024, True)):
         cost = MemoryModel(manifest.hidden_size, heads, quadratic)
         want = budget // (length * 24 * manifest.hidden_size * 4 + quadratic * 2 * heads * length * length * 4)
-        assert budget_rows(manifest, placement, budget)(length) == want == cost.max_rows(length, budget)
+        assert budget_rows(manifest, placement, budget, crossover)(length) == want == cost.max_rows(length, budget)
 
 
 def test_run_ids_refuses_what_the_graph_cannot_take(tiny_model):

@@ -15,6 +15,7 @@ from m3rt.int8_kernel import int8_kernel
 from int8_gemm import gemm_errors, integer_weights
 
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
+INT8_GATE = Gate(dense_cos_min=0.99, colbert_cos_mean=0.98, sparse_top10_overlap=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def variants(tiny, tmp_path_factory):
 def test_manifest_describes_each_variant(variants):
     data = json.loads((variants / "m3rt.json").read_text())
     graphs = data["graphs"]
-    assert set(graphs) == {"fp32", "fp16", "int8", "int8-u8", "int8-qdq"}
+    flash = {"fp32-flash", "int8-flash", "int8-u8-flash"}  # the CPU's long-batch twins (tests/test_attention_switch.py)
+    assert set(graphs) == {"fp32", "fp16", "int8", "int8-u8", "int8-qdq", *flash}
     assert graphs["fp16"]["kept_fp32"] == ["LayerNormalization", "Softmax", "ReduceL2"]
     assert graphs["int8"]["backends"] == graphs["int8-u8"]["backends"] == ["onnxruntime-cpu"]
     assert graphs["int8-qdq"]["backends"] == ["tensorrt"]
@@ -138,7 +140,7 @@ def test_runtime_loads_each_precision_within_its_gate(variants, precision, texts
     model = M3Model.load(variants, precision=precision)
     got = model.encode(texts, **ALL)
     figures = compare_outputs(got, reference)
-    gate = Gate(dense_cos_min=0.999) if precision == "fp16" else Gate(0.99, 0.98, 0.9)
+    gate = Gate(dense_cos_min=0.999) if precision == "fp16" else INT8_GATE
     assert not gate.failures(figures), figures
     assert got["dense_vecs"].dtype == np.float32 and len(got["colbert_vecs"]) == len(texts)
     if precision == "int8":  # the int8-weight graph only where this CPU sums u8 x s8 in int32
@@ -187,7 +189,7 @@ def test_graph_without_a_gate_for_this_arithmetic_is_validated_at_load(tiny, tmp
             model.encode(texts, batch_size=8, max_length=512, **ALL),
             M3Model.load(out).encode(texts, batch_size=8, max_length=512, **ALL),
         )
-        assert not Gate(0.99, 0.98, 0.9).failures(figures), figures
+        assert not INT8_GATE.failures(figures), figures
 
     manifest = json.loads((out / "m3rt.json").read_text())
     manifest["graphs"]["int8"]["fidelity"]["gate"]["dense_cos_min"] = 1.01  # a gate nothing meets
@@ -336,7 +338,7 @@ def test_int8_forms_can_be_chosen(tiny, tmp_path):
     manifest = export_artifact(
         ExportOptions(model=str(tiny[0]), output=tmp_path / "a", int8=True, int8_forms=("cpu-u8",))
     )
-    assert {"int8-u8"} == {name for name in manifest["graphs"] if name.startswith("int8")}
+    assert {"int8-u8", "int8-u8-flash"} == {name for name in manifest["graphs"] if name.startswith("int8")}
     assert not (tmp_path / "a" / "model.int8.qdq.onnx").exists() and not (tmp_path / "a" / "model.int8.onnx").exists()
     # precision="int8" serves the u8 graph when it is the only CPU int8 form, on any CPU
     assert M3Model.load(tmp_path / "a", precision="int8").backend.graph_path.name == "model.int8.u8.onnx"

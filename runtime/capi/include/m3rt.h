@@ -53,7 +53,7 @@ extern "C" {
 /* The longest text (in bytes) m3rt_encode and m3rt_tokenize accept. Without truncation a text's cost
    grows with its length: about 6 bytes of memory per byte of its longest whitespace-free run (after
    normalisation), plus the text's own copies. */
-#define M3RT_MAX_TEXT_BYTES ((size_t)256 << 20)
+#define M3RT_MAX_TEXT_BYTES ((size_t)64 << 20)
 
 typedef enum m3rt_code {
     M3RT_OK = 0,

@@ -332,7 +332,7 @@ def test_native_threads_share_one_model(capi_build_dir, exported, texts):  # noq
         input="\n".join(texts + ["x" * 3000]) + "\n", capture_output=True, text=True, encoding="utf-8",
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "mismatches 0, errors 0, invalid utf-8 refused yes" in run.stdout
+    assert "mismatches 0, errors 0, invalid utf-8 refused yes, rows bounded yes" in run.stdout
 
 
 def test_cpp_unit_tests(capi_build_dir):  # noqa: F811

@@ -50,9 +50,11 @@ extern "C" {
 #define M3RT_VERSION_STRING "0.2.0"
 #define M3RT_ABI_VERSION 1
 
-/* The longest text (in bytes) m3rt_encode and m3rt_tokenize accept. Without truncation a text's cost
-   grows with its length: about 6 bytes of memory per byte of its longest whitespace-free run (after
-   normalisation), plus the text's own copies. */
+/* The longest text (in bytes) m3rt_encode and m3rt_tokenize accept. Tokenising costs about 3 bytes of
+   memory per byte of the text it reads (its normalised copies and the Viterbi lattice) plus the ids
+   (8 bytes each, while being returned up to 3 copies). With truncation it reads only the start of
+   the text up to a safe cut that yields max_length tokens, unless the text has no such cut (a
+   whitespace-free run): at most 64 MiB read, 192 MiB, measured in benchmarks/RESULTS.md. */
 #define M3RT_MAX_TEXT_BYTES ((size_t)64 << 20)
 
 typedef enum m3rt_code {

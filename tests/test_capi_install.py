@@ -89,3 +89,20 @@ def test_subproject_builds_no_tests_or_examples(tmp_path):
     for name in ("m3rt_unit_tests", "m3rt_encode", "m3rt_threads_check"):
         assert name not in targets
     assert not (build / "CTestTestfile.cmake").exists()
+
+
+def test_ignored_status_is_a_compiler_warning(prefix, tmp_path):
+    """Status-returning calls are warn_unused_result: dropping one fails a -Werror build."""
+    cxx = shutil.which("c++")
+    if cxx is None:
+        pytest.skip("c++ not on PATH")
+    source = tmp_path / "ignored.cc"
+    source.write_text('#include <m3rt.h>\nvoid f(m3rt_model** m) { m3rt_model_load("x", nullptr, m); }\n')
+    checked = tmp_path / "checked.cc"
+    checked.write_text(
+        '#include <m3rt.h>\nvoid f(m3rt_model** m) { m3rt_status_free(m3rt_model_load("x", nullptr, m)); }\n'
+    )
+    flags = [cxx, "-c", "-o", os.devnull, "-Werror=unused-result", f"-I{prefix / 'include'}"]
+    assert subprocess.run([*flags, str(checked)], capture_output=True).returncode == 0
+    run = subprocess.run([*flags, str(source)], capture_output=True, text=True)
+    assert run.returncode != 0 and "m3rt_model_load" in run.stderr

@@ -149,10 +149,13 @@ def test_fuzz_target_for_a_bounded_time(asan_build, clang, target, tmp_path):
     work = tmp_path / "corpus"  # new inputs go here; the repository's corpus stays as it is
     work.mkdir()
     seeds = CAPI_SOURCE / "fuzz" / "corpus" / target
+    env = _env(tmp_path)
+    if target == "tokenize" and XLMR_TOKENIZER.is_file():
+        env["M3RT_FUZZ_TOKENIZER"] = str(XLMR_TOKENIZER)  # the Precompiled charsmap and the real vocabulary
     run = subprocess.run(
         [str(asan_build / f"m3rt_fuzz_{target}"), str(work), str(seeds), f"-max_total_time={seconds}",
          "-max_len=8192", "-rss_limit_mb=2048", "-timeout=10", f"-artifact_prefix={tmp_path}/"],
-        capture_output=True, text=True, env=_env(tmp_path), timeout=seconds + 120,
+        capture_output=True, text=True, env=env, timeout=seconds + 120,
     )
     crashes = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "leak-", "timeout-", "oom-")))
     assert run.returncode == 0 and not crashes, (crashes, run.stderr[-6000:])

@@ -24,6 +24,13 @@ constexpr int kFormatVersion = 1;
 
 [[noreturn]] void artifact_error(const std::string& message) { throw Error(M3RT_ARTIFACT_ERROR, message); }
 
+// nlohmann's get<int64_t>() of a non-integral number is a float-to-integer cast (undefined when out of
+// range): sizes and ids must be JSON integers.
+int64_t integer(const json& value, const char* what) {
+    if (!value.is_number_integer()) artifact_error(std::string("m3rt.json: ") + what + " must be an integer");
+    return value.get<int64_t>();
+}
+
 // A file the manifest names, which must stay inside the artifact: a relative path without "..", so
 // that a crafted m3rt.json cannot make the library read (or hash) files elsewhere.
 fs::path inside(const fs::path& root, const std::string& name) {
@@ -40,7 +47,9 @@ void verify_files(const fs::path& root, const json& files) {
         std::error_code ec;
         if (!fs::is_regular_file(path, ec)) artifact_error(path.string() + " is listed in m3rt.json but missing");
         const auto size = fs::file_size(path, ec);
-        const auto expected = record.at("size").get<uint64_t>();
+        const json& recorded = record.at("size");
+        if (!recorded.is_number_unsigned()) artifact_error("m3rt.json: the size of " + name + " must be a non-negative integer");
+        const auto expected = recorded.get<uint64_t>();
         if (ec || size != expected) {
             artifact_error(path.string() + " is " + std::to_string(size) + " bytes but m3rt.json records " +
                            std::to_string(expected) + ": the file is truncated or was replaced; re-export or copy it again");
@@ -157,14 +166,14 @@ ArtifactInfo parse_manifest_json(const std::string& root_str, const std::string&
         for (const auto& b : g.value("backends", json::array())) info.backends.push_back(b.get<std::string>());
         info.tokenizer_path = inside(root, data["tokenizer"].at("file").get<std::string>()).string();
         const json& model = data["model"];
-        info.hidden_size = model.at("hidden_size").get<int64_t>();
-        info.vocab_size = model.at("vocab_size").get<int64_t>();
-        info.max_length = model.at("max_length").get<int64_t>();
-        info.colbert_dim = model.contains("colbert_dim") ? model["colbert_dim"].get<int64_t>() : info.hidden_size;
+        info.hidden_size = integer(model.at("hidden_size"), "hidden_size");
+        info.vocab_size = integer(model.at("vocab_size"), "vocab_size");
+        info.max_length = integer(model.at("max_length"), "max_length");
+        info.colbert_dim = model.contains("colbert_dim") ? integer(model["colbert_dim"], "colbert_dim") : info.hidden_size;
         const json& specials = data["special_tokens"];
-        info.pad_id = specials.at("pad").get<int64_t>();
+        info.pad_id = integer(specials.at("pad"), "special_tokens.pad");
         for (const char* name : {"cls", "eos", "pad", "unk"}) {
-            if (specials.contains(name)) info.unused_ids.push_back(specials[name].get<int64_t>());
+            if (specials.contains(name)) info.unused_ids.push_back(integer(specials[name], "a special token id"));
         }
         std::sort(info.unused_ids.begin(), info.unused_ids.end());
         info.unused_ids.erase(std::unique(info.unused_ids.begin(), info.unused_ids.end()), info.unused_ids.end());

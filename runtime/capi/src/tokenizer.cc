@@ -25,6 +25,13 @@ namespace {
 
 using json = nlohmann::json;
 
+// nlohmann's get<int64_t>() of a non-integral number is a float-to-integer cast (undefined when out of
+// range): ids must be JSON integers.
+int64_t integer(const json& value, const char* what) {
+    if (!value.is_number_integer()) throw Error(M3RT_ARTIFACT_ERROR, std::string("tokenizer.json: ") + what + " must be an integer");
+    return value.get<int64_t>();
+}
+
 [[noreturn]] void unsupported(const std::string& what) {
     throw Error(M3RT_UNSUPPORTED, "tokenizer.json uses " + what +
                                       ", which the m3rt C library does not implement (it implements what "
@@ -731,7 +738,7 @@ std::unique_ptr<TextTokenizer> TextTokenizer::from_json(const std::string& text,
         std::vector<std::pair<std::string, double>> vocab;
         vocab.reserve(model.at("vocab").size());
         for (const auto& entry : model.at("vocab")) vocab.emplace_back(entry.at(0).get<std::string>(), entry.at(1).get<double>());
-        const int64_t unk_id = model.contains("unk_id") && !model["unk_id"].is_null() ? model["unk_id"].get<int64_t>() : -1;
+        const int64_t unk_id = model.contains("unk_id") && !model["unk_id"].is_null() ? integer(model["unk_id"], "unk_id") : -1;
         const bool byte_fallback = model.value("byte_fallback", false);
         tok->model_ = std::make_unique<Unigram>(std::move(vocab), unk_id, byte_fallback);
 
@@ -813,7 +820,7 @@ std::unique_ptr<TextTokenizer> TextTokenizer::from_json(const std::string& text,
                     const std::string name = item["SpecialToken"].at("id").get<std::string>();
                     const json& special = post.at("special_tokens").at(name);
                     auto& side = seen_sequence ? tok->template_suffix_ : tok->template_prefix_;
-                    for (const auto& id : special.at("ids")) side.push_back(id.get<int64_t>());
+                    for (const auto& id : special.at("ids")) side.push_back(integer(id, "a template id"));
                 } else {
                     unsupported("a template item other than Sequence/SpecialToken");
                 }
@@ -834,6 +841,14 @@ std::unique_ptr<TextTokenizer> TextTokenizer::from_json(const std::string& text,
         }
         size_t size = tok->model_->size();
         for (const auto& [id, t] : tok->added_by_id_) size = std::max(size, static_cast<size_t>(id) + 1);
+        for (const auto* side : {&tok->template_prefix_, &tok->template_suffix_}) {
+            for (int64_t id : *side) {
+                if (id < 0 || static_cast<size_t>(id) >= size) {
+                    throw Error(M3RT_ARTIFACT_ERROR, "tokenizer.json: the post-processor's id " + std::to_string(id) +
+                                                         " is outside the vocabulary");
+                }
+            }
+        }
         tok->decoded_.assign(size, std::string());
         for (size_t id = 0; id < tok->model_->size(); ++id) tok->decoded_[id] = tok->model_->piece(id);
         for (const auto& [id, t] : tok->added_by_id_) tok->decoded_[static_cast<size_t>(id)] = t.content;

@@ -28,7 +28,13 @@ class LoadOptions(ctypes.Structure):
         ("intra_op_threads", ctypes.c_int),
         ("use_cuda", ctypes.c_int),
         ("token_budget", ctypes.c_int64),
+        ("precision", ctypes.c_char_p),
+        ("device", ctypes.c_char_p),
     ]
+
+
+# The size of the first m3rt_load_options (ending with token_budget): what older callers pass.
+LOAD_OPTIONS_V1_SIZE = LoadOptions.token_budget.offset + ctypes.sizeof(ctypes.c_int64)
 
 
 class EncodeOptions(ctypes.Structure):
@@ -52,6 +58,10 @@ _SIGNATURES = {
     "m3rt_model_free": (None, [_P]),
     "m3rt_model_hidden_size": (ctypes.c_int64, [_P]),
     "m3rt_model_tokenizer": (_P, [_P]),
+    "m3rt_model_graph": (ctypes.c_char_p, [_P]),
+    "m3rt_model_cuda_device": (ctypes.c_int, [_P]),
+    "m3rt_version": (ctypes.c_char_p, []),
+    "m3rt_abi_version": (ctypes.c_int, []),
     "m3rt_encode": (
         _P,
         [_P, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t), ctypes.c_size_t,
@@ -139,6 +149,7 @@ class Tokenizer:
 class Model:
     def __init__(self, lib: Library, artifact: str | Path, **options) -> None:
         self.lib = lib
+        self.handle = None
         opts = LoadOptions()
         lib.lib.m3rt_load_options_init(ctypes.byref(opts))
         for key, value in options.items():
@@ -147,6 +158,14 @@ class Model:
         lib.check(lib.lib.m3rt_model_load(str(artifact).encode(), ctypes.byref(opts), ctypes.byref(out)))
         self.handle = out.value
         self.tokenizer = Tokenizer(lib, handle=lib.lib.m3rt_model_tokenizer(self.handle))
+
+    @property
+    def graph(self) -> str:
+        return self.lib.lib.m3rt_model_graph(self.handle).decode()
+
+    @property
+    def cuda_device(self) -> int:
+        return self.lib.lib.m3rt_model_cuda_device(self.handle)
 
     def encode_raw(self, texts: list[bytes], outputs: int = 7, **options) -> dict:
         opts = EncodeOptions()
@@ -239,6 +258,20 @@ def build_problem() -> str | None:
     return None
 
 
+def build_jobs() -> str:
+    return str(max(1, min(4, os.cpu_count() or 1)))
+
+
+def configure_and_build(build_dir: Path, *cmake_args: str, env: dict | None = None) -> Path:
+    """cmake configure + build of runtime/capi into build_dir (reused when it is already there)."""
+    root = os.environ["M3RT_ONNXRUNTIME_ROOT"]
+    configure = ["cmake", "-S", str(CAPI_SOURCE), "-B", str(build_dir), f"-DONNXRUNTIME_ROOT={root}", *cmake_args]
+    subprocess.run(configure, check=True, capture_output=True, text=True, env=env)
+    subprocess.run(["cmake", "--build", str(build_dir), "-j", build_jobs()], check=True, capture_output=True,
+                   text=True, env=env)
+    return build_dir
+
+
 def build(build_root: Path) -> Path:
     """Configure and build runtime/capi once per process; returns the build folder."""
     if "dir" in _BUILT:
@@ -247,11 +280,5 @@ def build(build_root: Path) -> Path:
     if prebuilt:
         _BUILT["dir"] = Path(prebuilt)
         return _BUILT["dir"]
-    build_dir = build_root / "capi-build"
-    jobs = str(max(1, min(4, os.cpu_count() or 1)))
-    root = os.environ["M3RT_ONNXRUNTIME_ROOT"]
-    configure = ["cmake", "-S", str(CAPI_SOURCE), "-B", str(build_dir), f"-DONNXRUNTIME_ROOT={root}"]
-    subprocess.run(configure, check=True, capture_output=True, text=True)
-    subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True, capture_output=True, text=True)
-    _BUILT["dir"] = build_dir
-    return build_dir
+    _BUILT["dir"] = configure_and_build(build_root / "capi-build")
+    return _BUILT["dir"]

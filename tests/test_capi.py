@@ -10,13 +10,24 @@ import threading
 
 import numpy as np
 import pytest
-from capi_binding import OUTPUT_COLBERT, OUTPUT_DENSE, OUTPUT_SPARSE, CapiError, Model, onnxruntime_library
+from capi_binding import (
+    CAPI_SOURCE,
+    LOAD_OPTIONS_V1_SIZE,
+    OUTPUT_COLBERT,
+    OUTPUT_DENSE,
+    OUTPUT_SPARSE,
+    CapiError,
+    LoadOptions,
+    Model,
+    onnxruntime_library,
+)
 from capi_fixtures import capi, capi_build_dir  # noqa: F401
 
 from m3rt import M3Error, M3Model
 from m3rt.cli import main as m3rt_cli
 
 INVALID_ARGUMENT, ARTIFACT_ERROR, INVALID_INPUT, INPUT_TOO_LONG, RUNTIME_ERROR = 1, 2, 4, 5, 6
+MAX_TEXT_BYTES = 64 << 20  # M3RT_MAX_TEXT_BYTES
 ALL = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
 
 
@@ -74,13 +85,21 @@ def test_int8_graph_matches_m3model_and_tensorrt_graphs_are_refused(capi, int8_a
     from m3rt.manifest import load_manifest
     from m3rt.placement import int8_graph_for
 
-    # The int8 form M3Model serves on this CPU (int8 or int8-u8), run by the C library.
-    graph = int8_graph_for(load_manifest(int8_artifact), int8_kernel())
-    model = _load(capi, int8_artifact, graph=graph)
+    # precision="int8": the C library probes ONNX Runtime's GEMM as the Python runtime does and picks
+    # the same form (int8 or int8-u8) on this CPU.
+    manifest = load_manifest(int8_artifact)
+    assert manifest.has_graph("int8") and manifest.has_graph("int8-u8")
+    model = _load(capi, int8_artifact, precision="int8")
     try:
+        assert model.graph == int8_graph_for(manifest, int8_kernel())
         got = model.encode(texts, truncate=1)
     finally:
         model.close()
+    # Naming a graph overrides the probe.
+    for name in ("int8", "int8-u8"):
+        named = _load(capi, int8_artifact, graph=name, precision="int8")
+        assert named.graph == name
+        named.close()
     try:
         python = M3Model.load(int8_artifact, precision="int8")
     except M3Error as exc:  # its load-time int8 check can refuse a CPU; the C library has no such check
@@ -172,6 +191,115 @@ def test_cuda_without_a_cuda_onnxruntime_is_a_runtime_error(capi, tiny):  # noqa
     assert err.value.code == RUNTIME_ERROR and "CUDA" in err.value.message
 
 
+def test_int8_probe_graph_is_the_python_runtimes():
+    """Both runtimes run the same probe GEMM: the C header holds the Python constant's bytes."""
+    import re
+
+    from m3rt.int8_kernel import PROBE_K, probe_model_bytes
+
+    header = (CAPI_SOURCE / "src" / "int8_probe_model.h").read_text()
+    body = header[header.index("kInt8ProbeModel[] = {") :]
+    data = bytes(int(x, 16) for x in re.findall(r"0x([0-9a-f]{2})", body))
+    assert data == probe_model_bytes()
+    assert f"kInt8ProbeK = {PROBE_K};" in header
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "cuda:-1"])
+def test_bad_device_is_an_invalid_argument(capi, tiny, device):  # noqa: F811
+    with pytest.raises(CapiError) as err:
+        _load(capi, tiny[1], device=device)
+    assert err.value.code == INVALID_ARGUMENT and "cuda:N" in err.value.message
+    with pytest.raises(CapiError) as err:
+        _load(capi, tiny[1], device="cpu", use_cuda=1)
+    assert err.value.code == INVALID_ARGUMENT
+
+
+def test_device_index_reaches_onnxruntime(capi, tiny):  # noqa: F811
+    import onnxruntime
+
+    cpu = _load(capi, tiny[1], device=" CPU ")
+    assert cpu.cuda_device == -1
+    cpu.close()
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(CapiError) as err:
+        _load(capi, tiny[1], device="cuda:3")
+    assert err.value.code == RUNTIME_ERROR and "CUDA" in err.value.message
+
+
+def test_older_and_newer_option_structs(capi, tiny, texts):  # noqa: F811
+    """A caller built against the first m3rt.h passes the smaller struct and gets defaults for the
+    fields added since: the library never reads past struct_size."""
+    import ctypes
+
+    lib = capi.lib
+    want = _load(capi, tiny[1]).encode(texts[:3])
+    opts = LoadOptions()
+    lib.m3rt_load_options_init(ctypes.byref(opts))
+    opts.onnxruntime_library = str(onnxruntime_library()).encode()
+    opts.struct_size = LOAD_OPTIONS_V1_SIZE
+    opts.precision = b"no such precision"  # beyond an old caller's struct: must not be read
+    opts.device = b"no such device"
+    out = ctypes.c_void_p()
+    capi.check(lib.m3rt_model_load(str(tiny[1]).encode(), ctypes.byref(opts), ctypes.byref(out)))
+    model = Model.__new__(Model)
+    model.lib, model.handle = capi, out.value
+    assert model.graph == "fp32"
+    assert_same_outputs(model.encode(texts[:3]), want)
+    model.close()
+    for size in (LOAD_OPTIONS_V1_SIZE - 8, ctypes.sizeof(LoadOptions) + 8, 0):
+        opts.struct_size = size
+        status = lib.m3rt_model_load(str(tiny[1]).encode(), ctypes.byref(opts), ctypes.byref(out))
+        with pytest.raises(CapiError) as err:
+            capi.check(status)
+        assert err.value.code == INVALID_ARGUMENT and "struct_size" in err.value.message
+
+
+def test_oversized_text_is_refused_before_any_work(tiny_capi):
+    """M3RT_MAX_TEXT_BYTES: refused with INPUT_TOO_LONG, even with truncation on."""
+    text = b"a" * (MAX_TEXT_BYTES + 1)
+    for truncate in (0, 1):
+        with pytest.raises(CapiError) as err:
+            tiny_capi.encode_raw([b"fine", text], truncate=truncate)
+        assert err.value.code == INPUT_TOO_LONG and "text 1" in err.value.message
+    with pytest.raises(CapiError) as err:
+        tiny_capi.tokenizer.encode_bytes(text)
+    assert err.value.code == INPUT_TOO_LONG
+
+
+def test_long_text_truncated_equals_its_start(tiny_capi, texts):
+    """With truncation only a prefix is tokenised: same outputs as the text cut by M3Model."""
+    long_text = " ".join(texts * 2000)  # ~MBs
+    got = tiny_capi.encode([long_text], truncate=1, max_length=64)
+    want = tiny_capi.encode([long_text[:20000]], truncate=1, max_length=64)
+    assert_same_outputs(got, want)
+    with pytest.raises(CapiError) as err:
+        tiny_capi.encode([long_text], max_length=64)
+    assert err.value.code == INPUT_TOO_LONG
+
+
+def test_version_macros_soname_and_symbol_node(capi, capi_build_dir):  # noqa: F811
+    import re
+
+    header = (CAPI_SOURCE / "include" / "m3rt.h").read_text()
+    macros = dict(re.findall(r"#define (M3RT_(?:VERSION_\w+|ABI_VERSION)) (\S+)", header))
+    version = ".".join(macros[f"M3RT_VERSION_{p}"] for p in ("MAJOR", "MINOR", "PATCH"))
+    assert macros["M3RT_VERSION_STRING"] == f'"{version}"'
+    assert capi.lib.m3rt_version().decode() == version
+    abi = capi.lib.m3rt_abi_version()
+    assert abi == int(macros["M3RT_ABI_VERSION"])
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not on PATH")
+    dynamic = subprocess.run([readelf, "-d", "-W", str(capi_build_dir / "libm3rt.so")], capture_output=True,
+                             text=True, check=True).stdout
+    assert f"[libm3rt.so.{abi}]" in dynamic
+    symbols = subprocess.run([readelf, "--dyn-syms", "-W", str(capi_build_dir / "libm3rt.so")], capture_output=True,
+                             text=True, check=True).stdout
+    exported = [line.split()[-1] for line in symbols.splitlines() if " m3rt_" in line and "UND" not in line]
+    assert exported and all(name.endswith(f"@@M3RT_{abi}") for name in exported), exported
+
+
 def test_concurrent_encodes_give_the_single_threaded_results(tiny_capi, texts):
     """ctypes releases the GIL, so these calls run in the library at the same time."""
     jobs = [texts[i::4] + [f"extra text number {i}"] for i in range(8)]
@@ -204,7 +332,7 @@ def test_native_threads_share_one_model(capi_build_dir, exported, texts):  # noq
         input="\n".join(texts + ["x" * 3000]) + "\n", capture_output=True, text=True, encoding="utf-8",
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "mismatches 0, errors 0, invalid utf-8 refused yes" in run.stdout
+    assert "mismatches 0, errors 0, invalid utf-8 refused yes, rows bounded yes" in run.stdout
 
 
 def test_cpp_unit_tests(capi_build_dir):  # noqa: F811
@@ -234,5 +362,7 @@ def test_only_the_c_api_is_exported(capi_build_dir):  # noqa: F811
         pytest.skip("nm not on PATH")
     library = capi_build_dir / "libm3rt.so"
     run = subprocess.run([nm, "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True)
-    names = [line.split()[-1] for line in run.stdout.splitlines() if line.strip()]
+    # The version node itself is listed as an absolute symbol ("A M3RT_1").
+    rows = [line.split() for line in run.stdout.splitlines() if line.strip()]
+    names = [row[-1] for row in rows if row[-2] != "A"]
     assert names and all(name.startswith("m3rt_") for name in names), [n for n in names if not n.startswith("m3rt_")]

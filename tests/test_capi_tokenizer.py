@@ -140,6 +140,27 @@ def test_text_over_8192_tokens(pair):
     assert ours.encode(text, max_length=8192) == want[:8191] + [want[-1]]
 
 
+@pytest.mark.parametrize("max_length", [16, 512, 8192])
+def test_truncating_long_texts_reads_only_their_start(capi, tokenizer_path, max_length):  # noqa: F811
+    """Truncation tokenises only a prefix that ends at a safe cut: the ids are still tokenizers' ids of
+    the whole text, truncated, for texts whose cuts fall among spaces, tabs, newlines, CJK, combining
+    marks, added tokens and whitespace-free runs."""
+    ours = Tokenizer(capi, tokenizer_path)
+    hf = HFTokenizer.from_file(str(tokenizer_path))
+    hf.enable_truncation(max_length=max_length)
+    pieces = ADVERSARIAL + sample_texts()
+    texts = [
+        " ".join(pieces) * 40,
+        "".join(pieces) * 40,
+        "\n".join(p + " <mask>" for p in pieces) * 40,
+        ("x" * 50000) + " tail " + "word " * 5000,
+        "日本語のテキスト。" * 20000,
+        ("ab" + "\u0301" * 3 + " ") * 20000,
+    ]
+    for text in texts:
+        assert ours.encode(text, max_length=max_length) == hf.encode(text).ids
+
+
 def test_decode_single_ids(pair):
     ours, hf = pair
     size = hf.get_vocab_size(with_added_tokens=True)

@@ -83,7 +83,7 @@ std::string prefix_code_points(const std::string& text, size_t count) {
 int usage() {
     std::fprintf(stderr,
                  "usage: m3rt_encode ARTIFACT [--max-length N] [--top K] [--no-verify] [--onnxruntime LIB] "
-                 "[--threads N] [--repeat N] < texts (one per line)\n");
+                 "[--threads N] [--precision fp32|int8] [--device cpu|cuda:N] [--repeat N] < texts (one per line)\n");
     return 2;
 }
 
@@ -104,6 +104,8 @@ int main(int argc, char** argv) {
         else if (arg == "--no-verify") load.verify = 0;
         else if (arg == "--onnxruntime" && has_value) load.onnxruntime_library = argv[++a];
         else if (arg == "--threads" && has_value) load.intra_op_threads = std::atoi(argv[++a]);
+        else if (arg == "--precision" && has_value) load.precision = argv[++a];
+        else if (arg == "--device" && has_value) load.device = argv[++a];
         else if (arg == "--repeat" && has_value) repeat = std::atoi(argv[++a]);
         else return usage();
     }

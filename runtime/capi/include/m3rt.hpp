@@ -49,12 +49,12 @@ class Result {
  public:
     explicit Result(m3rt_result* r) : r_(r, &m3rt_result_free) {}
     size_t size() const { return m3rt_result_count(r_.get()); }
-    // Dense vector of text i (dim floats); nullptr when not requested.
+    // Dense vector of text i (dim floats); nullptr when not requested or i is out of range.
     const float* dense(size_t i, int64_t* dim = nullptr) const {
         int64_t d = 0;
         const float* p = m3rt_result_dense(r_.get(), &d);
-        if (dim) *dim = d;
-        return p ? p + static_cast<int64_t>(i) * d : nullptr;
+        if (dim) *dim = p && i < size() ? d : 0;
+        return p && i < size() ? p + static_cast<int64_t>(i) * d : nullptr;
     }
     SparseView sparse(size_t i) const {
         const int64_t *indptr, *indices;
@@ -89,24 +89,33 @@ class TokenizerRef {
         const char* s = m3rt_tokenizer_id_to_text(t_, id);
         return s ? s : "";
     }
+    const m3rt_tokenizer* handle() const { return t_; }
 
  private:
     const m3rt_tokenizer* t_;
 };
 
-class Tokenizer : public TokenizerRef {
+namespace detail {
+// Owns a loaded tokenizer. A base class of Tokenizer, listed first, so that the handle exists before
+// TokenizerRef is given it and is freed after.
+class TokenizerOwner {
+ protected:
+    explicit TokenizerOwner(const std::string& path) {
+        m3rt_tokenizer* t = nullptr;
+        check(m3rt_tokenizer_load(path.c_str(), &t));
+        owned_.reset(t);
+    }
+    std::unique_ptr<m3rt_tokenizer, decltype(&m3rt_tokenizer_free)> owned_{nullptr, &m3rt_tokenizer_free};
+};
+}  // namespace detail
+
+// A tokenizer.json loaded on its own (no model). Not copyable or movable: TokenizerRefs may point at it.
+class Tokenizer : private detail::TokenizerOwner, public TokenizerRef {
  public:
-    explicit Tokenizer(const std::string& tokenizer_json) : TokenizerRef(load(tokenizer_json)) {}
-    ~Tokenizer() { m3rt_tokenizer_free(owned_); }
+    explicit Tokenizer(const std::string& tokenizer_json)
+        : detail::TokenizerOwner(tokenizer_json), TokenizerRef(owned_.get()) {}
     Tokenizer(const Tokenizer&) = delete;
     Tokenizer& operator=(const Tokenizer&) = delete;
-
- private:
-    m3rt_tokenizer* load(const std::string& path) {
-        check(m3rt_tokenizer_load(path.c_str(), &owned_));
-        return owned_;
-    }
-    m3rt_tokenizer* owned_ = nullptr;
 };
 
 class Model {
@@ -133,6 +142,7 @@ class Model {
     TokenizerRef tokenizer() const { return TokenizerRef(m3rt_model_tokenizer(m_.get())); }
     int64_t hidden_size() const { return m3rt_model_hidden_size(m_.get()); }
     int64_t max_length() const { return m3rt_model_max_length(m_.get()); }
+    std::string graph() const { return m3rt_model_graph(m_.get()); }
     const m3rt_model* get() const { return m_.get(); }
 
  private:

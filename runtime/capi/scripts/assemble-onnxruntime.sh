@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Lay out an ONNX Runtime distribution (the layout of ONNX Runtime's release archives: include/ and
 # lib/) from what a machine without general internet access can get:
-#   - the C/C++ headers from Debian's libonnxruntime-dev package (Debian 13 "trixie" and later), fetched
-#     with `apt-get download` through a temporary sources list (the system's sources stay untouched);
+#   - the C/C++ headers from Debian's libonnxruntime-dev package, fetched with `apt-get download` from
+#     the machine's configured apt sources. Debian ships it from 13 "trixie" on: when the configured
+#     suites lack it, the same configured archives are asked for that suite through a temporary sources
+#     list (the system's sources and state stay untouched);
 #   - the shared library from the `onnxruntime` Python wheel (onnxruntime/capi/libonnxruntime.so.1.*).
 # The m3rt C library loads ONNX Runtime at run time through OrtGetApiBase, so any library whose API
 # version is at or above the headers' works (headers 1.21 with a 1.2x/1.3x wheel library, say).
@@ -10,24 +12,38 @@
 # usage: assemble-onnxruntime.sh DEST [PYTHON]
 #   DEST    the folder to create (DEST/include/onnxruntime_c_api.h, DEST/lib/libonnxruntime.so*)
 #   PYTHON  a Python with the onnxruntime wheel installed (default: python3)
-# Environment: M3RT_ORT_DEBIAN_SUITE (default trixie), M3RT_ORT_DEBIAN_MIRROR (default deb.debian.org).
+# Environment: M3RT_ORT_DEBIAN_SUITE: the suite asked when the configured ones lack the package
+# (default trixie).
 set -euo pipefail
 
 dest=${1:?usage: assemble-onnxruntime.sh DEST [PYTHON]}
 python=${2:-python3}
 suite=${M3RT_ORT_DEBIAN_SUITE:-trixie}
-mirror=${M3RT_ORT_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/lists/partial" "$work/archives/partial" "$work/debs" "$work/root"
-echo "deb $mirror $suite main" > "$work/sources.list"
-apt_opts=(
-  -o "Dir::Etc::sourcelist=$work/sources.list" -o "Dir::Etc::sourceparts=-"
-  -o "Dir::State::Lists=$work/lists" -o "Dir::Cache::archives=$work/archives"
-  -o "APT::Get::List-Cleanup=0" -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root"
-)
-apt-get "${apt_opts[@]}" -qq update
+apt_opts=()
+if apt-cache show libonnxruntime-dev >/dev/null 2>&1; then
+  suite=$(apt-cache policy libonnxruntime-dev | awk '/\*\*\*/ {getline; print $3; exit}')
+else
+  # The archives the machine is configured with (their own suites' index lists name them), asked
+  # for $suite instead.
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+  mapfile -t uris < <(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' 2>/dev/null \
+    | awk -v c="$codename" '$2 == c {print $1}' | sort -u)
+  [ ${#uris[@]} -gt 0 ] || {
+    echo "no configured apt source for '$codename' to ask for libonnxruntime-dev ($suite); run apt-get update" >&2
+    exit 1
+  }
+  for uri in "${uris[@]}"; do echo "deb $uri $suite main"; done > "$work/sources.list"
+  apt_opts=(
+    -o "Dir::Etc::sourcelist=$work/sources.list" -o "Dir::Etc::sourceparts=-"
+    -o "Dir::State::Lists=$work/lists" -o "Dir::Cache::archives=$work/archives"
+    -o "APT::Get::List-Cleanup=0" -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root"
+  )
+  apt-get "${apt_opts[@]}" -qq update
+fi
 # The headers: libonnxruntime-dev holds the CMake config and pulls the headers' package in.
 pkgs=(libonnxruntime-dev)
 while read -r dep; do pkgs+=("$dep"); done < <(

@@ -1,6 +1,7 @@
 // The C ABI: argument checks, exceptions -> m3rt_status, and the encode pipeline
 // (tokenise -> plan batches -> run -> post-process -> results in input order).
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -25,7 +26,7 @@ struct m3rt_status {
 };
 
 struct m3rt_tokenizer {
-    std::unique_ptr<m3rt::Tokenizer> impl;
+    std::unique_ptr<m3rt::TextTokenizer> impl;
 };
 
 struct m3rt_model {
@@ -33,7 +34,7 @@ struct m3rt_model {
     m3rt_tokenizer tokenizer;
     std::unique_ptr<m3rt::OrtSessionRunner> session;
     int64_t token_budget = 8192;
-    bool use_cuda = false;
+    int cuda_device = -1;  // -1: the CPU
 };
 
 struct m3rt_result {
@@ -86,9 +87,28 @@ std::string_view text_at(const char* const* texts, const size_t* lengths, size_t
     return lengths ? std::string_view(texts[i], lengths[i]) : std::string_view(texts[i]);
 }
 
+// Options structs from callers built against an older m3rt.h are shorter: what they have is taken,
+// the fields added since keep their defaults. `oldest` is the size of the struct's first version.
+template <typename Options>
+void take_options(Options& opts, const Options* given, size_t oldest, const char* name) {
+    if (!given) return;
+    if (given->struct_size < oldest || given->struct_size > sizeof(Options)) {
+        invalid(std::string(name) + ".struct_size is " + std::to_string(given->struct_size) + ", expected " +
+                std::to_string(oldest) + ".." + std::to_string(sizeof(Options)) +
+                ": initialise it with its _init function (a larger size means a newer m3rt.h than this library)");
+    }
+    std::memcpy(static_cast<void*>(&opts), given, given->struct_size);
+    opts.struct_size = sizeof(Options);
+}
+
+// The first m3rt_load_options ended with token_budget.
+constexpr size_t kLoadOptionsV1 = offsetof(m3rt_load_options, token_budget) + sizeof(int64_t);
+
 void check_utf8(std::string_view text, size_t index) {
-    if (text.size() > static_cast<size_t>(INT32_MAX)) {
-        throw m3rt::Error(M3RT_INVALID_INPUT, "text " + std::to_string(index) + " is over 2 GiB");
+    if (text.size() > M3RT_MAX_TEXT_BYTES) {
+        throw m3rt::Error(M3RT_INPUT_TOO_LONG, "text " + std::to_string(index) + " is " + std::to_string(text.size()) +
+                                                   " bytes, over M3RT_MAX_TEXT_BYTES (" +
+                                                   std::to_string(M3RT_MAX_TEXT_BYTES) + "): split it");
     }
     const size_t bad = m3rt::find_invalid_utf8(text);
     if (bad != std::string::npos) {
@@ -98,7 +118,7 @@ void check_utf8(std::string_view text, size_t index) {
     }
 }
 
-m3rt::Encoding encode_checked(const m3rt::Tokenizer& tok, std::string_view text, size_t index, size_t max_length,
+m3rt::Encoding encode_checked(const m3rt::TextTokenizer& tok, std::string_view text, size_t index, size_t max_length,
                               bool truncate) {
     check_utf8(text, index);
     m3rt::Encoding enc = tok.encode(text, true, max_length);
@@ -144,9 +164,9 @@ void run_batch(const m3rt_model& model, const std::vector<m3rt::Encoding>& encod
             throw m3rt::Error(M3RT_RUNTIME_ERROR, "sparse_weights does not have one weight per token");
         }
 #ifdef M3RT_WITH_CUDA
-        if (model.use_cuda) {
+        if (model.cuda_device >= 0) {
             std::vector<m3rt::SparseRow> rows_out =
-                m3rt::aggregate_sparse_cuda(ids.data(), mask.data(), t.values.data(), rows, width, model.info.unused_ids);
+                m3rt::aggregate_sparse_cuda(model.cuda_device, ids.data(), mask.data(), t.values.data(), rows, width, model.info.unused_ids);
             for (int64_t r = 0; r < rows; ++r) sparse[batch[static_cast<size_t>(r)]] = std::move(rows_out[static_cast<size_t>(r)]);
         } else
 #endif
@@ -208,16 +228,25 @@ m3rt_status* m3rt_model_load(const char* artifact_dir, const m3rt_load_options* 
         *out = nullptr;
         m3rt_load_options opts;
         m3rt_load_options_init(&opts);
-        if (options) {
-            if (options->struct_size != sizeof(m3rt_load_options)) invalid("m3rt_load_options.struct_size is wrong: call m3rt_load_options_init");
-            opts = *options;
-        }
+        take_options(opts, options, kLoadOptionsV1, "m3rt_load_options");
         if (opts.token_budget <= 0) invalid("token_budget must be > 0");
         if (opts.intra_op_threads < 0) invalid("intra_op_threads must be >= 0");
+        if (opts.use_cuda != 0 && opts.use_cuda != 1) invalid("use_cuda must be 0 or 1");
+        m3rt::SessionOptions so;
+        so.library = opts.onnxruntime_library ? opts.onnxruntime_library : "";
+        so.intra_op_threads = opts.intra_op_threads;
+        so.cuda_device = opts.device ? m3rt::parse_device(opts.device) : (opts.use_cuda ? 0 : -1);
+        if (opts.device && opts.use_cuda && so.cuda_device < 0) invalid("use_cuda=1 contradicts device '" + std::string(opts.device) + "'");
+        const bool cuda = so.cuda_device >= 0;
+        m3rt::GraphRequest request;
+        request.graph = opts.graph ? opts.graph : "";
+        request.precision = opts.precision ? opts.precision : "fp32";
+        request.cuda = cuda;
+        request.u8s8_exact = [&so] { return m3rt::probe_u8s8_exact(so); };
         auto model = std::make_unique<m3rt_model>();
-        model->info = m3rt::read_artifact(artifact_dir, opts.graph ? opts.graph : "fp32", opts.verify != 0);
+        model->info = m3rt::read_artifact(artifact_dir, request, opts.verify != 0);
         const auto& backends = model->info.backends;
-        const std::string wanted = opts.use_cuda ? "onnxruntime-cuda" : "onnxruntime-cpu";
+        const std::string wanted = cuda ? "onnxruntime-cuda" : "onnxruntime-cpu";
         if (!backends.empty() && std::find(backends.begin(), backends.end(), wanted) == backends.end()) {
             std::string served;
             for (const auto& b : backends) served += (served.empty() ? "" : ", ") + b;
@@ -225,18 +254,14 @@ m3rt_status* m3rt_model_load(const char* artifact_dir, const m3rt_load_options* 
                                                     ", not " + wanted + " (pick another graph, e.g. fp32 or int8)");
         }
         const std::string& provider = model->info.execution_provider;
-        if (!provider.empty() && provider != "CPUExecutionProvider" && !(opts.use_cuda && provider == "CUDAExecutionProvider")) {
+        if (!provider.empty() && provider != "CPUExecutionProvider" && !(cuda && provider == "CUDAExecutionProvider")) {
             throw m3rt::Error(M3RT_UNSUPPORTED, "graph '" + model->info.graph_name + "' runs only on " + provider +
                                                     (provider == "CUDAExecutionProvider" ? " (set use_cuda=1)" : ""));
         }
-        model->tokenizer.impl = m3rt::Tokenizer::from_file(model->info.tokenizer_path);
-        m3rt::SessionOptions so;
-        so.library = opts.onnxruntime_library ? opts.onnxruntime_library : "";
-        so.intra_op_threads = opts.intra_op_threads;
-        so.use_cuda = opts.use_cuda != 0;
+        model->tokenizer.impl = m3rt::TextTokenizer::from_file(model->info.tokenizer_path);
         model->session = std::make_unique<m3rt::OrtSessionRunner>(model->info.graph_path, so);
         model->token_budget = opts.token_budget;
-        model->use_cuda = so.use_cuda;
+        model->cuda_device = so.cuda_device;
         *out = model.release();
     });
 }
@@ -248,6 +273,8 @@ int64_t m3rt_model_colbert_dim(const m3rt_model* m) { return m ? m->info.colbert
 int64_t m3rt_model_max_length(const m3rt_model* m) { return m ? m->info.max_length : 0; }
 int64_t m3rt_model_vocab_size(const m3rt_model* m) { return m ? m->info.vocab_size : 0; }
 const m3rt_tokenizer* m3rt_model_tokenizer(const m3rt_model* m) { return m ? &m->tokenizer : nullptr; }
+const char* m3rt_model_graph(const m3rt_model* m) { return m ? m->info.graph_name.c_str() : ""; }
+int m3rt_model_cuda_device(const m3rt_model* m) { return m ? m->cuda_device : -1; }
 
 m3rt_status* m3rt_encode(const m3rt_model* model, const char* const* texts, const size_t* lengths, size_t count,
                          const m3rt_encode_options* options, m3rt_result** out) {
@@ -256,10 +283,7 @@ m3rt_status* m3rt_encode(const m3rt_model* model, const char* const* texts, cons
         *out = nullptr;
         m3rt_encode_options opts;
         m3rt_encode_options_init(&opts);
-        if (options) {
-            if (options->struct_size != sizeof(m3rt_encode_options)) invalid("m3rt_encode_options.struct_size is wrong: call m3rt_encode_options_init");
-            opts = *options;
-        }
+        take_options(opts, options, sizeof(m3rt_encode_options), "m3rt_encode_options");
         const int64_t max_length = opts.max_length == 0 ? model->info.max_length : opts.max_length;
         if (max_length < 2 || max_length > model->info.max_length) {
             invalid("max_length must be in 2.." + std::to_string(model->info.max_length) + " (it counts <s> and </s>)");
@@ -324,7 +348,7 @@ int m3rt_result_sparse(const m3rt_result* r, const int64_t** indptr, const int64
 
 const float* m3rt_result_colbert(const m3rt_result* r, size_t index, int64_t* rows, int64_t* dim) {
     const bool ok = r && r->has_colbert && index < r->count;
-    if (rows) *rows = ok ? static_cast<int64_t>(r->colbert[index].size()) / r->colbert_dim : 0;
+    if (rows) *rows = ok && r->colbert_dim > 0 ? static_cast<int64_t>(r->colbert[index].size()) / r->colbert_dim : 0;
     if (dim) *dim = ok ? r->colbert_dim : 0;
     if (!ok) return nullptr;
     return r->colbert[index].empty() ? kNoFloats : r->colbert[index].data();
@@ -337,7 +361,7 @@ m3rt_status* m3rt_tokenizer_load(const char* path, m3rt_tokenizer** out) {
         if (!path || !out) invalid("path and out must not be NULL");
         *out = nullptr;
         auto tok = std::make_unique<m3rt_tokenizer>();
-        tok->impl = m3rt::Tokenizer::from_file(path);
+        tok->impl = m3rt::TextTokenizer::from_file(path);
         *out = tok.release();
     });
 }

@@ -28,10 +28,12 @@ struct DeviceBuffer {
 
 }  // namespace
 
-std::vector<SparseRow> aggregate_sparse_cuda(const int64_t* ids, const int64_t* mask, const float* weights,
+std::vector<SparseRow> aggregate_sparse_cuda(int device, const int64_t* ids, const int64_t* mask, const float* weights,
                                              int64_t rows, int64_t width, const std::vector<int64_t>& unused_ids) {
     std::vector<SparseRow> out(static_cast<size_t>(rows));
     if (rows == 0 || width == 0) return out;
+    // The calling thread's current device is whatever it last set: use the model's.
+    check(cudaSetDevice(device), "cudaSetDevice");
     const int batch = static_cast<int>(rows), seq_len = static_cast<int>(width);
     const int log2 = m3rt_sparse_table_log2(seq_len);
     const long long slots = static_cast<long long>(batch) * m3rt_sparse_table_capacity(seq_len);

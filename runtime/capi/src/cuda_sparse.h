@@ -9,8 +9,9 @@
 
 namespace m3rt {
 
-// ids/mask: int64 [rows, width], weights: float32 [rows, width], all on the host. Throws m3rt::Error.
-std::vector<SparseRow> aggregate_sparse_cuda(const int64_t* ids, const int64_t* mask, const float* weights,
+// On CUDA device `device`. ids/mask: int64 [rows, width], weights: float32 [rows, width], all on the
+// host. Throws m3rt::Error.
+std::vector<SparseRow> aggregate_sparse_cuda(int device, const int64_t* ids, const int64_t* mask, const float* weights,
                                              int64_t rows, int64_t width, const std::vector<int64_t>& unused_ids);
 
 }  // namespace m3rt

@@ -11,6 +11,10 @@
 #include <onnxruntime_c_api.h>
 
 #include "error.h"
+#include "int8_probe_model.h"
+
+#include <map>
+#include <mutex>
 
 namespace m3rt {
 namespace {
@@ -54,6 +58,83 @@ void* open_library(const std::string& requested, std::string& opened) {
 
 }  // namespace
 
+int parse_device(const std::string& device) {
+    size_t first = 0, last = device.size();
+    while (first < last && std::isspace(static_cast<unsigned char>(device[first]))) ++first;
+    while (last > first && std::isspace(static_cast<unsigned char>(device[last - 1]))) --last;
+    std::string text = device.substr(first, last - first);
+    for (auto& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (text == "cpu") return -1;
+    if (text == "cuda") return 0;
+    if (text.rfind("cuda:", 0) == 0) {
+        const std::string index = text.substr(5);
+        if (!index.empty() && index.size() <= 6 &&
+            std::all_of(index.begin(), index.end(), [](unsigned char c) { return std::isdigit(c); })) {
+            return std::stoi(index);
+        }
+    }
+    throw Error(M3RT_INVALID_ARGUMENT, "device '" + device + "': expected 'cpu', 'cuda' or 'cuda:N'");
+}
+
+bool probe_u8s8_exact(const SessionOptions& options) {
+    static std::mutex mutex;
+    static std::map<std::string, bool> cache;
+    std::string path;
+    void* handle = open_library(options.library, path);
+    std::lock_guard<std::mutex> lock(mutex);
+    if (auto it = cache.find(path); it != cache.end()) return it->second;
+    auto get_base = reinterpret_cast<const OrtApiBase* (*)()>(dlsym(handle, "OrtGetApiBase"));
+    const OrtApi* api = get_base ? get_base()->GetApi(ORT_API_VERSION) : nullptr;
+    if (!api) throw Error(M3RT_RUNTIME_ERROR, path + " is not an ONNX Runtime this library can use");
+    OrtEnv* env = nullptr;
+    OrtSessionOptions* so = nullptr;
+    OrtSession* session = nullptr;
+    OrtMemoryInfo* cpu = nullptr;
+    OrtValue* input = nullptr;
+    OrtValue* output = nullptr;
+    auto check = [&](OrtStatus* status, const char* what) {
+        if (!status) return;
+        const std::string message = std::string("ONNX Runtime int8 probe ") + what + ": " + api->GetErrorMessage(status);
+        api->ReleaseStatus(status);
+        throw Error(M3RT_RUNTIME_ERROR, message);
+    };
+    bool exact = false;
+    std::vector<uint8_t> a(16 * kInt8ProbeK, 255);
+    try {
+        check(api->CreateEnv(ORT_LOGGING_LEVEL_ERROR, "m3rt-int8-probe", &env), "CreateEnv");
+        check(api->CreateSessionOptions(&so), "CreateSessionOptions");
+        check(api->SetIntraOpNumThreads(so, 1), "SetIntraOpNumThreads");
+        check(api->CreateSessionFromArray(env, kInt8ProbeModel, sizeof kInt8ProbeModel, so, &session), "CreateSession");
+        check(api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpu), "CreateCpuMemoryInfo");
+        const int64_t shape[2] = {16, kInt8ProbeK};
+        check(api->CreateTensorWithDataAsOrtValue(cpu, a.data(), a.size(), shape, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+                                                  &input), "input");
+        const char* in_name = "a";
+        const char* out_name = "y";
+        check(api->Run(session, nullptr, &in_name, &input, 1, &out_name, 1, &output), "Run");
+        void* data = nullptr;
+        check(api->GetTensorMutableData(output, &data), "output");
+        const auto* y = static_cast<const int32_t*>(data);
+        exact = std::all_of(y, y + 16 * 8, [](int32_t v) { return v == kInt8ProbeK * 255 * 127; });
+    } catch (...) {
+        if (output) api->ReleaseValue(output);
+        if (input) api->ReleaseValue(input);
+        if (cpu) api->ReleaseMemoryInfo(cpu);
+        if (session) api->ReleaseSession(session);
+        if (so) api->ReleaseSessionOptions(so);
+        if (env) api->ReleaseEnv(env);
+        throw;
+    }
+    api->ReleaseValue(output);
+    api->ReleaseValue(input);
+    api->ReleaseMemoryInfo(cpu);
+    api->ReleaseSession(session);
+    api->ReleaseSessionOptions(so);
+    api->ReleaseEnv(env);
+    cache[path] = exact;
+    return exact;
+}
+
 // ONNX Runtime reports every allocation failure (its allocators, BFC arena, cuBLAS, cuDNN, bad_alloc)
 // with one error code; the text tells them apart (the markers m3rt.backends.onnxruntime uses).
 bool is_out_of_memory(std::string text) {
@@ -96,9 +177,9 @@ OrtSessionRunner::OrtSessionRunner(const std::string& model_path, const SessionO
         check(api_->CreateSessionOptions(&so), "CreateSessionOptions");
         check(api_->SetSessionGraphOptimizationLevel(so, ORT_ENABLE_ALL), "SetSessionGraphOptimizationLevel");
         if (options.intra_op_threads > 0) check(api_->SetIntraOpNumThreads(so, options.intra_op_threads), "SetIntraOpNumThreads");
-        if (options.use_cuda) {
+        if (options.cuda_device >= 0) {
             OrtCUDAProviderOptions cuda{};
-            cuda.device_id = 0;
+            cuda.device_id = options.cuda_device;
             check(api_->SessionOptionsAppendExecutionProvider_CUDA(so, &cuda), "CUDA provider");
         }
         check(api_->CreateSession(env_, model_path.c_str(), so, &session_), "CreateSession");

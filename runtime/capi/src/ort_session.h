@@ -16,8 +16,16 @@ namespace m3rt {
 struct SessionOptions {
     std::string library;  // path of libonnxruntime.so.1*, "" = search
     int intra_op_threads = 0;
-    bool use_cuda = false;
+    int cuda_device = -1;  // CUDA device index; -1: the CPU
 };
+
+// Where to run: "cpu", "cuda" or "cuda:N", as the Python runtime's parse_device reads it (-1: the CPU).
+// Throws m3rt::Error(M3RT_INVALID_ARGUMENT) for anything else.
+int parse_device(const std::string& device);
+
+// Whether this ONNX Runtime's CPU u8 x s8 GEMM sums 255 * 127 pairs exactly (no int16 saturation):
+// the Python runtime's probe (m3rt.int8_kernel.probe_u8s8_exact), on the same graph. Cached per library.
+bool probe_u8s8_exact(const SessionOptions& options);
 
 // One model output as host float32: `shape` and the values, row-major.
 struct HostTensor {

@@ -25,19 +25,48 @@ namespace {
 
 using json = nlohmann::json;
 
+// nlohmann's get<int64_t>() of a non-integral number is a float-to-integer cast (undefined when out of
+// range): ids must be JSON integers.
+int64_t integer(const json& value, const char* what) {
+    if (!value.is_number_integer()) throw Error(M3RT_ARTIFACT_ERROR, std::string("tokenizer.json: ") + what + " must be an integer");
+    return value.get<int64_t>();
+}
+
 [[noreturn]] void unsupported(const std::string& what) {
     throw Error(M3RT_UNSUPPORTED, "tokenizer.json uses " + what +
                                       ", which the m3rt C library does not implement (it implements what "
                                       "BGE-M3/XLM-R tokenizers use)");
 }
 
-// Decodes the code point at text[i] (valid UTF-8 assumed) and advances i.
+// Decodes the code point at text[i] (valid UTF-8 assumed) and advances i; 64-bit offsets throughout.
+// A truncated sequence (never in validated text) gives -1 and ends the text.
 UChar32 next_code_point(std::string_view text, size_t& i) {
-    UChar32 c;
-    int32_t index = static_cast<int32_t>(i);
-    U8_NEXT(reinterpret_cast<const uint8_t*>(text.data()), index, static_cast<int32_t>(text.size()), c);
-    i = static_cast<size_t>(index);
+    const auto* s = reinterpret_cast<const uint8_t*>(text.data());
+    const uint8_t lead = s[i];
+    if (lead < 0x80) {
+        ++i;
+        return lead;
+    }
+    const size_t length = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : 2;
+    if (text.size() - i < length) {
+        i = text.size();
+        return -1;
+    }
+    UChar32 c = lead & (0x7F >> length);
+    for (size_t k = 1; k < length; ++k) c = (c << 6) | (s[i + k] & 0x3F);
+    i += length;
     return c;
+}
+
+// Text that normalisation grew past this is refused: it bounds the copies the later steps make and
+// keeps every offset ICU sees (32-bit) in range.
+constexpr size_t kMaxNormalizedBytes = M3RT_MAX_TEXT_BYTES * 4;
+
+void check_normalized_size(size_t bytes) {
+    if (bytes > kMaxNormalizedBytes) {
+        throw Error(M3RT_INPUT_TOO_LONG, "normalisation grows the text past " + std::to_string(kMaxNormalizedBytes) +
+                                             " bytes; split it into smaller texts");
+    }
 }
 
 void append_utf8(std::string& out, UChar32 c) {
@@ -89,6 +118,7 @@ class Precompiled final : public Normalizer {
 
     void apply(std::string& text) const override {
         if (text.empty()) return;
+        check_normalized_size(text.size());
         // BreakIterator is not thread-safe: one per thread (all are root-locale grapheme iterators).
         thread_local std::unique_ptr<icu::BreakIterator> iter(prototype_->clone());
         UErrorCode status = U_ZERO_ERROR;
@@ -118,6 +148,10 @@ class Precompiled final : public Normalizer {
                 } else {
                     out.append(part);
                 }
+            }
+            if (out.size() > kMaxNormalizedBytes) {
+                utext_close(ut);
+                check_normalized_size(out.size());
             }
         }
         utext_close(ut);
@@ -186,6 +220,7 @@ class UnicodeNormalForm final : public Normalizer {
         norm_ = filtered_.get();
     }
     void apply(std::string& text) const override {
+        check_normalized_size(text.size());
         UErrorCode status = U_ZERO_ERROR;
         if (norm_->isNormalizedUTF8(text, status) && U_SUCCESS(status)) return;
         status = U_ZERO_ERROR;
@@ -193,6 +228,7 @@ class UnicodeNormalForm final : public Normalizer {
         icu::StringByteSink<std::string> sink(&out);
         norm_->normalizeUTF8(0, text, sink, nullptr, status);
         if (U_FAILURE(status)) throw Error(M3RT_RUNTIME_ERROR, "ICU normalization failed");
+        check_normalized_size(out.size());
         text.swap(out);
     }
 
@@ -236,6 +272,7 @@ class Replace final : public Normalizer {
             UErrorCode status = U_ZERO_ERROR;
             UParseError parse_error;
             const std::string source = pattern["Regex"].get<std::string>();
+            regex_source_ = source;
             regex_.reset(icu::RegexPattern::compile(icu::UnicodeString::fromUTF8(source), parse_error, status));
             if (U_FAILURE(status)) unsupported("a Replace regex ICU cannot compile: " + source);
         } else {
@@ -243,6 +280,7 @@ class Replace final : public Normalizer {
         }
     }
     void apply(std::string& text) const override {
+        check_normalized_size(text.size());
         if (regex_) {
             UErrorCode status = U_ZERO_ERROR;
             const icu::UnicodeString input = icu::UnicodeString::fromUTF8(text);
@@ -275,11 +313,21 @@ class Replace final : public Normalizer {
         }
         if (!any) return;
         out.append(text, pos, std::string::npos);
+        check_normalized_size(out.size());
         text.swap(out);
+    }
+    // Whether a match can never span an ASCII non-space / ASCII whitespace boundary: a literal that is
+    // all whitespace or has none, or a regex of spaces and repetitions only (" {2,}").
+    bool local() const override {
+        const auto ws = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; };
+        const bool spaces_to_spaces = std::all_of(content_.begin(), content_.end(), ws);
+        if (regex_) return spaces_to_spaces && regex_source_.find_first_not_of(" {},0123456789+*") == std::string::npos;
+        if (std::none_of(literal_.begin(), literal_.end(), ws)) return true;
+        return spaces_to_spaces && std::all_of(literal_.begin(), literal_.end(), ws);
     }
 
  private:
-    std::string literal_;
+    std::string literal_, regex_source_;
     std::unique_ptr<icu::RegexPattern> regex_;
     std::string content_;
 };
@@ -288,7 +336,13 @@ class SequenceNormalizer final : public Normalizer {
  public:
     explicit SequenceNormalizer(std::vector<std::unique_ptr<Normalizer>> steps) : steps_(std::move(steps)) {}
     void apply(std::string& text) const override {
-        for (const auto& step : steps_) step->apply(text);
+        for (const auto& step : steps_) {
+            step->apply(text);
+            check_normalized_size(text.size());
+        }
+    }
+    bool local() const override {
+        return std::all_of(steps_.begin(), steps_.end(), [](const auto& step) { return step->local(); });
     }
 
  private:
@@ -372,6 +426,8 @@ class Metaspace final : public PreTokenizer {
         pieces.swap(out);
     }
 
+    bool splits_on_whitespace() const override { return split_; }
+
  private:
     std::string rep_;
     Prepend prepend_;
@@ -399,6 +455,7 @@ class WhitespaceSplit final : public PreTokenizer {
         }
         pieces.swap(out);
     }
+    bool splits_on_whitespace() const override { return true; }
 };
 
 class SequencePreTokenizer final : public PreTokenizer {
@@ -410,6 +467,10 @@ class SequencePreTokenizer final : public PreTokenizer {
             pieces.erase(std::remove_if(pieces.begin(), pieces.end(), [](const Piece& p) { return p.text.empty(); }),
                          pieces.end());
         }
+    }
+
+    bool splits_on_whitespace() const override {
+        return std::any_of(steps_.begin(), steps_.end(), [](const auto& step) { return step->splits_on_whitespace(); });
     }
 
  private:
@@ -472,7 +533,13 @@ Unigram::Unigram(std::vector<std::pair<std::string, double>> vocab, int64_t unk_
     if (unk_id_ >= 0 && (vocab_.empty() || static_cast<size_t>(unk_id_) >= vocab_.size()))
         throw Error(M3RT_ARTIFACT_ERROR, "Unigram unk_id is not in the vocabulary");
     min_score_ = std::numeric_limits<double>::infinity();
-    for (const auto& entry : vocab_) min_score_ = std::min(min_score_, entry.second);
+    size_t longest = 4;  // an unknown character: up to 4 bytes
+    for (const auto& entry : vocab_) {
+        min_score_ = std::min(min_score_, entry.second);
+        longest = std::max(longest, entry.first.size());
+    }
+    if (longest > UINT16_MAX) throw Error(M3RT_UNSUPPORTED, "a Unigram piece longer than 65535 bytes");
+    ring_size_ = longest + 1;
     build_trie();
 }
 
@@ -529,19 +596,22 @@ int64_t Unigram::id_of(std::string_view piece) const {
     return nodes_[node].token;
 }
 
-void Unigram::tokenize(std::string_view text, std::vector<int64_t>& ids) const {
-    if (text.empty()) return;
-    struct Best {
-        int64_t id = 0;
-        double score = 0.0;
-        int64_t starts_at = -1;
-    };
+size_t Unigram::tokenize(std::string_view text, std::vector<int64_t>& ids, size_t limit) const {
+    if (text.empty() || limit == 0) return 0;
+    // sentencepiece's Viterbi with a lean lattice: per byte only the length of the best piece ending
+    // there (2 bytes); scores live in a ring over the longest piece, since a piece starting at `s`
+    // ends within s + longest. Ids are looked up again when back-tracking: a position's best piece is
+    // the vocabulary entry of its bytes, or unknown when the vocabulary has none.
     const size_t size = text.size();
     const double unk_score = min_score_ - kUnkPenalty;
-    std::vector<Best> best(size + 1);
+    const size_t ring = ring_size_;
+    std::vector<uint16_t> back(size + 1, 0);
+    std::vector<double> score(ring, 0.0);
+    std::vector<uint8_t> set(ring, 0);
+    set[0] = 1;
     size_t starts_at = 0;
     while (starts_at < size) {
-        const double till_here = best[starts_at].score;
+        const double till_here = score[starts_at % ring];
         size_t next = starts_at;
         next_code_point(text, next);
         const size_t mblen = next - starts_at;
@@ -559,45 +629,61 @@ void Unigram::tokenize(std::string_view text, std::vector<int64_t>& ids) const {
             if (id < 0) continue;
             const size_t key_pos = pos + 1;
             const double candidate = vocab_[static_cast<size_t>(id)].second + till_here;
-            Best& target = best[key_pos];
-            if (target.starts_at < 0 || candidate > target.score) {
-                target.score = candidate;
-                target.starts_at = static_cast<int64_t>(starts_at);
-                target.id = id;
+            const size_t slot = key_pos % ring;
+            if (!set[slot] || candidate > score[slot]) {
+                score[slot] = candidate;
+                set[slot] = 1;
+                back[key_pos] = static_cast<uint16_t>(key_pos - starts_at);
             }
             if (key_pos - starts_at == mblen) has_single_node = true;
         }
         if (!has_single_node) {
             if (unk_id_ < 0) throw Error(M3RT_UNSUPPORTED, "the Unigram model has no unk_id but met an unknown character");
-            Best& target = best[starts_at + mblen];
+            const size_t slot = (starts_at + mblen) % ring;
             const double candidate = unk_score + till_here;
-            if (target.starts_at < 0 || candidate > target.score) {
-                target.score = candidate;
-                target.starts_at = static_cast<int64_t>(starts_at);
-                target.id = unk_id_;
+            if (!set[slot] || candidate > score[slot]) {
+                score[slot] = candidate;
+                set[slot] = 1;
+                back[starts_at + mblen] = static_cast<uint16_t>(mblen);
             }
         }
-        starts_at += mblen;
+        // The slots of the positions passed are reused for those `ring` bytes further on.
+        for (size_t p = starts_at; p < next; ++p) set[p % ring] = 0;
+        starts_at = next;
     }
-    // Back-track; consecutive unknown pieces are fused into one string, then every string is looked up.
-    std::vector<std::pair<size_t, size_t>> pieces;  // byte ranges, reversed
-    size_t ends_at = size, unk_end = 0;
-    bool in_unk = false;
-    while (ends_at > 0) {
-        const Best& node = best[ends_at];
-        const size_t start = static_cast<size_t>(node.starts_at);
-        if (node.id == unk_id_) {
-            if (!in_unk) unk_end = ends_at;
-            in_unk = true;
-        } else {
-            if (in_unk) pieces.emplace_back(ends_at, unk_end);
-            in_unk = false;
-            pieces.emplace_back(start, ends_at);
+    // Back-track; consecutive unknown pieces are fused into one string, then every string is looked
+    // up. A first walk counts the strings, so that with a `limit` only the first ones are kept.
+    const auto is_unknown = [&](size_t start, size_t stop) {
+        const int64_t id = id_of(text.substr(start, stop - start));
+        return id < 0 || id == unk_id_;
+    };
+    const auto walk = [&](auto&& emit) {
+        size_t ends_at = size, unk_end = 0;
+        bool in_unk = false;
+        while (ends_at > 0) {
+            const size_t start = ends_at - back[ends_at];
+            if (is_unknown(start, ends_at)) {
+                if (!in_unk) unk_end = ends_at;
+                in_unk = true;
+            } else {
+                if (in_unk) emit(ends_at, unk_end);
+                in_unk = false;
+                emit(start, ends_at);
+            }
+            ends_at = start;
         }
-        ends_at = start;
-    }
-    if (in_unk) pieces.emplace_back(0, unk_end);
-    for (auto it = pieces.rbegin(); it != pieces.rend(); ++it) {
+        if (in_unk) emit(0, unk_end);
+    };
+    size_t total = 0;
+    if (limit != SIZE_MAX) walk([&](size_t, size_t) { ++total; });
+    const size_t skip = limit != SIZE_MAX && total > limit ? total - limit : 0;
+    std::vector<std::pair<size_t, size_t>> pieces;  // byte ranges, reversed
+    size_t seen = 0;
+    walk([&](size_t start, size_t stop) {
+        if (seen++ >= skip) pieces.emplace_back(start, stop);
+    });
+    const size_t before = ids.size();
+    for (auto it = pieces.rbegin(); it != pieces.rend() && ids.size() - before < limit; ++it) {
         const std::string_view s = text.substr(it->first, it->second - it->first);
         const int64_t id = id_of(s);
         if (id >= 0) {
@@ -621,13 +707,15 @@ void Unigram::tokenize(std::string_view text, std::vector<int64_t>& ids) const {
         if (unk_id_ < 0) throw Error(M3RT_UNSUPPORTED, "the Unigram model has no unk_id but met an unknown piece");
         ids.push_back(unk_id_);
     }
+    if (ids.size() - before > limit) ids.resize(before + limit);
+    return ids.size() - before;
 }
 
-// ---- Tokenizer ----
+// ---- TextTokenizer ----
 
-Tokenizer::~Tokenizer() = default;
+TextTokenizer::~TextTokenizer() = default;
 
-std::unique_ptr<Tokenizer> Tokenizer::from_file(const std::string& path) {
+std::unique_ptr<TextTokenizer> TextTokenizer::from_file(const std::string& path) {
     std::ifstream in(path, std::ios::binary);
     if (!in) throw Error(M3RT_ARTIFACT_ERROR, "cannot read " + path);
     std::stringstream buffer;
@@ -635,14 +723,14 @@ std::unique_ptr<Tokenizer> Tokenizer::from_file(const std::string& path) {
     return from_json(buffer.str(), path);
 }
 
-std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const std::string& what) {
+std::unique_ptr<TextTokenizer> TextTokenizer::from_json(const std::string& text, const std::string& what) {
     json spec;
     try {
         spec = json::parse(text);
     } catch (const json::exception& e) {
         throw Error(M3RT_ARTIFACT_ERROR, what + " is not valid JSON: " + e.what());
     }
-    std::unique_ptr<Tokenizer> tok(new Tokenizer());
+    std::unique_ptr<TextTokenizer> tok(new TextTokenizer());
     try {
         const json& model = spec.at("model");
         const std::string model_type = model.value("type", "");
@@ -650,7 +738,7 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const s
         std::vector<std::pair<std::string, double>> vocab;
         vocab.reserve(model.at("vocab").size());
         for (const auto& entry : model.at("vocab")) vocab.emplace_back(entry.at(0).get<std::string>(), entry.at(1).get<double>());
-        const int64_t unk_id = model.contains("unk_id") && !model["unk_id"].is_null() ? model["unk_id"].get<int64_t>() : -1;
+        const int64_t unk_id = model.contains("unk_id") && !model["unk_id"].is_null() ? integer(model["unk_id"], "unk_id") : -1;
         const bool byte_fallback = model.value("byte_fallback", false);
         tok->model_ = std::make_unique<Unigram>(std::move(vocab), unk_id, byte_fallback);
 
@@ -711,6 +799,12 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const s
             tok->added_normalized_content_.push_back(content);
         }
         tok->added_by_id_ = std::move(by_id);
+        const bool added_without_spaces = std::none_of(tok->added_.begin(), tok->added_.end(), [](const AddedToken& t) {
+            return t.content.find_first_of(" \t\n\r\v\f") != std::string::npos;
+        });
+        tok->prefix_cut_safe_ = added_without_spaces && tok->pre_tokenizer_ &&
+                                tok->pre_tokenizer_->splits_on_whitespace() &&
+                                (!tok->normalizer_ || tok->normalizer_->local());
 
         const json post = spec.value("post_processor", json());
         if (!post.is_null()) {
@@ -726,7 +820,7 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const s
                     const std::string name = item["SpecialToken"].at("id").get<std::string>();
                     const json& special = post.at("special_tokens").at(name);
                     auto& side = seen_sequence ? tok->template_suffix_ : tok->template_prefix_;
-                    for (const auto& id : special.at("ids")) side.push_back(id.get<int64_t>());
+                    for (const auto& id : special.at("ids")) side.push_back(integer(id, "a template id"));
                 } else {
                     unsupported("a template item other than Sequence/SpecialToken");
                 }
@@ -747,6 +841,14 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const s
         }
         size_t size = tok->model_->size();
         for (const auto& [id, t] : tok->added_by_id_) size = std::max(size, static_cast<size_t>(id) + 1);
+        for (const auto* side : {&tok->template_prefix_, &tok->template_suffix_}) {
+            for (int64_t id : *side) {
+                if (id < 0 || static_cast<size_t>(id) >= size) {
+                    throw Error(M3RT_ARTIFACT_ERROR, "tokenizer.json: the post-processor's id " + std::to_string(id) +
+                                                         " is outside the vocabulary");
+                }
+            }
+        }
         tok->decoded_.assign(size, std::string());
         for (size_t id = 0; id < tok->model_->size(); ++id) tok->decoded_[id] = tok->model_->piece(id);
         for (const auto& [id, t] : tok->added_by_id_) tok->decoded_[static_cast<size_t>(id)] = t.content;
@@ -770,7 +872,7 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const s
 
 // tokenizers' AddedVocabulary::find_matches: leftmost-longest matches of the added tokens, with
 // single_word / lstrip / rstrip applied.
-std::vector<Tokenizer::Split> Tokenizer::find_added(std::string_view text, bool normalized_set) const {
+std::vector<TextTokenizer::Split> TextTokenizer::find_added(std::string_view text, bool normalized_set) const {
     std::vector<Split> splits;
     size_t start_offset = 0, search = 0;
     while (search < text.size()) {
@@ -836,7 +938,7 @@ std::vector<Tokenizer::Split> Tokenizer::find_added(std::string_view text, bool 
     return splits;
 }
 
-void Tokenizer::tokenize_sequence(std::string_view text, std::vector<int64_t>& ids) const {
+void TextTokenizer::tokenize_sequence(std::string_view text, std::vector<int64_t>& ids, size_t limit) const {
     // 1. Added tokens matched on the raw text; 2. normalise the rest and match normalised added tokens.
     struct Segment {
         std::string text;
@@ -853,6 +955,7 @@ void Tokenizer::tokenize_sequence(std::string_view text, std::vector<int64_t>& i
             continue;
         }
         if (normalizer_) normalizer_->apply(part);
+        check_normalized_size(part.size());
         if (part.empty()) continue;
         if (!has_normalized_added_) {
             segments.push_back({std::move(part), s.start, -1});
@@ -866,6 +969,7 @@ void Tokenizer::tokenize_sequence(std::string_view text, std::vector<int64_t>& i
     }
     std::vector<Piece> pieces;
     for (Segment& seg : segments) {
+        if (ids.size() >= limit) return;
         if (seg.token >= 0) {
             ids.push_back(seg.token);
             continue;
@@ -876,21 +980,46 @@ void Tokenizer::tokenize_sequence(std::string_view text, std::vector<int64_t>& i
             pre_tokenizer_->apply(pieces);
         }
         for (const Piece& p : pieces) {
-            if (!p.text.empty()) model_->tokenize(p.text, ids);
+            if (ids.size() >= limit) return;
+            if (!p.text.empty()) model_->tokenize(p.text, ids, limit == SIZE_MAX ? SIZE_MAX : limit - ids.size());
         }
     }
 }
 
-Encoding Tokenizer::encode(std::string_view text, bool add_special_tokens, size_t max_length) const {
+size_t TextTokenizer::cut_after(std::string_view text, size_t from) {
+    for (size_t i = std::max<size_t>(from, 1); i < text.size(); ++i) {
+        const auto before = static_cast<unsigned char>(text[i - 1]);
+        if (text[i] == ' ' && before > 0x20 && before < 0x7F) return i;
+    }
+    return text.size();
+}
+
+Encoding TextTokenizer::encode(std::string_view text, bool add_special_tokens, size_t max_length) const {
     Encoding enc;
     std::vector<int64_t> ids;
-    tokenize_sequence(text, ids);
-    if (max_length > 0) {
-        const size_t added = add_special_tokens ? template_added_ : 0;
-        if (max_length < added) {
-            throw Error(M3RT_INVALID_ARGUMENT, "max_length " + std::to_string(max_length) + " is below the " +
-                                                   std::to_string(added) + " special tokens the template adds");
+    const size_t added = add_special_tokens ? template_added_ : 0;
+    if (max_length > 0 && max_length < added) {
+        throw Error(M3RT_INVALID_ARGUMENT, "max_length " + std::to_string(max_length) + " is below the " +
+                                               std::to_string(added) + " special tokens the template adds");
+    }
+    if (max_length == 0) {
+        tokenize_sequence(text, ids, SIZE_MAX);
+    } else if (!prefix_cut_safe_) {
+        tokenize_sequence(text, ids, max_length - added + 1);
+    } else {
+        // One token more than fits decides truncation. Only a prefix that ends at a safe cut (before
+        // an ASCII space that follows an ASCII non-space) is normalised and tokenised; it grows until
+        // it yields that many tokens or is the whole text. A whole text's first tokens are its safe
+        // prefix's tokens: nothing the tokenizer does reaches across such a cut.
+        const size_t wanted = max_length - added + 1;
+        for (size_t reach = std::max<size_t>(4096, wanted * 16);; reach *= 4) {
+            const size_t cut = cut_after(text, reach);
+            ids.clear();
+            tokenize_sequence(text.substr(0, cut), ids, wanted);
+            if (ids.size() >= wanted || cut == text.size()) break;
         }
+    }
+    if (max_length > 0) {
         if (ids.size() > max_length - added) {
             ids.resize(max_length - added);
             enc.truncated = true;
@@ -907,20 +1036,37 @@ Encoding Tokenizer::encode(std::string_view text, bool add_special_tokens, size_
     return enc;
 }
 
-const std::string* Tokenizer::id_to_text(int64_t id) const {
+const std::string* TextTokenizer::id_to_text(int64_t id) const {
     if (id < 0 || static_cast<size_t>(id) >= decoded_.size()) return nullptr;
     return &decoded_[static_cast<size_t>(id)];
 }
 
 size_t find_invalid_utf8(std::string_view text) {
+    // Rust's str rules (the Unicode standard's well-formed sequences), with 64-bit offsets.
+    const auto* s = reinterpret_cast<const uint8_t*>(text.data());
+    const size_t n = text.size();
     size_t i = 0;
-    while (i < text.size()) {
-        const size_t from = i;
-        UChar32 c;
-        int32_t index = static_cast<int32_t>(i);
-        U8_NEXT(reinterpret_cast<const uint8_t*>(text.data()), index, static_cast<int32_t>(text.size()), c);
-        if (c < 0) return from;
-        i = static_cast<size_t>(index);
+    while (i < n) {
+        const uint8_t b = s[i];
+        if (b < 0x80) {
+            ++i;
+            continue;
+        }
+        size_t length;
+        uint8_t lo = 0x80, hi = 0xBF;  // the second byte's range
+        if (b >= 0xC2 && b <= 0xDF) length = 2;
+        else if (b == 0xE0) length = 3, lo = 0xA0;
+        else if ((b >= 0xE1 && b <= 0xEC) || b == 0xEE || b == 0xEF) length = 3;
+        else if (b == 0xED) length = 3, hi = 0x9F;
+        else if (b == 0xF0) length = 4, lo = 0x90;
+        else if (b >= 0xF1 && b <= 0xF3) length = 4;
+        else if (b == 0xF4) length = 4, hi = 0x8F;
+        else return i;
+        if (n - i < length || s[i + 1] < lo || s[i + 1] > hi) return i;
+        for (size_t k = 2; k < length; ++k) {
+            if ((s[i + k] & 0xC0) != 0x80) return i;
+        }
+        i += length;
     }
     return std::string::npos;
 }

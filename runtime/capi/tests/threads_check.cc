@@ -1,6 +1,6 @@
 // Concurrency check through the C++ header: N threads encode through ONE model at once (no GIL, no
 // locks in the caller) and every result must equal, bit for bit, the single-threaded result of the
-// same texts. Also exercises the standalone Tokenizer and errors as m3rt::Exception.
+// same texts. Also checks errors as m3rt::Exception and the Result accessors' bounds.
 //
 //   m3rt_threads_check ARTIFACT ONNXRUNTIME_LIBRARY [THREADS] < texts (one per line)
 #include <atomic>
@@ -86,9 +86,14 @@ int main(int argc, char** argv) {
         } catch (const m3rt::Exception& e) {
             refused = e.code() == M3RT_INVALID_INPUT;
         }
-        std::printf("threads %d, texts %zu, mismatches %d, errors %d, invalid utf-8 refused %s\n", threads,
-                    texts.size(), mismatches.load(), errors.load(), refused ? "yes" : "no");
-        return mismatches == 0 && errors == 0 && refused ? 0 : 1;
+        // Rows past the end are refused by every accessor (nullptr / empty), not read out of bounds.
+        const m3rt::Result one = model.encode({std::string("one text")}, &options);
+        const bool bounded = one.dense(0) != nullptr && one.dense(1) == nullptr && one.sparse(1).size == 0 &&
+                             one.colbert(1).data == nullptr;
+        std::printf("threads %d, texts %zu, mismatches %d, errors %d, invalid utf-8 refused %s, rows bounded %s\n",
+                    threads, texts.size(), mismatches.load(), errors.load(), refused ? "yes" : "no",
+                    bounded ? "yes" : "no");
+        return mismatches == 0 && errors == 0 && refused && bounded ? 0 : 1;
     } catch (const m3rt::Exception& e) {
         std::fprintf(stderr, "m3rt_threads_check: %s\n", e.what());
         return 1;

@@ -8,8 +8,15 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+
 #include "batching.h"
 #include "error.h"
+#include "manifest.h"
 #include "ort_session.h"
 #include "postprocess.h"
 #include "tokenizer.h"
@@ -51,12 +58,12 @@ std::string tokenizer_json(const std::string& normalizer, const std::string& pre
 const std::string kMetaspace = R"({"type":"Metaspace","replacement":"\u2581","prepend_scheme":"always","split":true})";
 const std::string kMask = R"(,{"id":12,"content":"<mask>","single_word":false,"lstrip":true,"rstrip":false,"normalized":false,"special":true})";
 
-Ids encode(const m3rt::Tokenizer& tok, const std::string& text, bool specials = false, size_t max_length = 0) {
+Ids encode(const m3rt::TextTokenizer& tok, const std::string& text, bool specials = false, size_t max_length = 0) {
     return tok.encode(text, specials, max_length).ids;
 }
 
 void test_unigram_viterbi() {
-    auto tok = m3rt::Tokenizer::from_json(tokenizer_json("null", kMetaspace, ""), "test");
+    auto tok = m3rt::TextTokenizer::from_json(tokenizer_json("null", kMetaspace, ""), "test");
     // "▁ab": the single piece (-1) beats ▁+ab (-6), ▁a+b (-5.5), ▁+a+b (-8).
     CHECK(encode(*tok, "ab") == (Ids{8}));
     // "▁abc": ▁ab + c = -4 beats ▁ + abc = -22.
@@ -77,35 +84,35 @@ void test_unigram_viterbi() {
 }
 
 void test_byte_fallback() {
-    auto tok = m3rt::Tokenizer::from_json(tokenizer_json("null", kMetaspace, "", true), "test");
+    auto tok = m3rt::TextTokenizer::from_json(tokenizer_json("null", kMetaspace, "", true), "test");
     // "é" = C3 A9 is not a piece: byte fallback spells it with <0xC3><0xA9>.
     CHECK(encode(*tok, "a\u00e9") == (Ids{11, 13, 14}));
 }
 
 void test_metaspace_and_spaces() {
-    auto tok = m3rt::Tokenizer::from_json(tokenizer_json("null", kMetaspace, ""), "test");
+    auto tok = m3rt::TextTokenizer::from_json(tokenizer_json("null", kMetaspace, ""), "test");
     // "a  b" -> "▁a▁▁b" -> pieces ▁a | ▁ | ▁b (each replacement starts a piece).
     CHECK(encode(*tok, "a  b") == (Ids{11, 4, 4, 6}));
     // A trailing space: "▁a▁" -> ▁a | ▁.
     CHECK(encode(*tok, "a ") == (Ids{11, 4}));
     const std::string never = R"({"type":"Metaspace","replacement":"\u2581","prepend_scheme":"never","split":true})";
-    auto tok_never = m3rt::Tokenizer::from_json(tokenizer_json("null", never, ""), "test");
+    auto tok_never = m3rt::TextTokenizer::from_json(tokenizer_json("null", never, ""), "test");
     CHECK(encode(*tok_never, "ab") == (Ids{7}));
     // Legacy field: add_prefix_space=false goes with prepend_scheme=never, and alone contradicts the
     // default scheme (always): tokenizers refuses the file, so does this library.
     const std::string legacy = R"({"type":"Metaspace","replacement":"\u2581","add_prefix_space":false,"prepend_scheme":"never"})";
-    auto tok_legacy = m3rt::Tokenizer::from_json(tokenizer_json("null", legacy, ""), "test");
+    auto tok_legacy = m3rt::TextTokenizer::from_json(tokenizer_json("null", legacy, ""), "test");
     CHECK(encode(*tok_legacy, "ab") == (Ids{7}));
     bool refused = false;
     try {
-        m3rt::Tokenizer::from_json(
+        m3rt::TextTokenizer::from_json(
             tokenizer_json("null", R"({"type":"Metaspace","replacement":"\u2581","add_prefix_space":false})", ""), "test");
     } catch (const m3rt::Error&) {
         refused = true;
     }
     CHECK(refused);
     const std::string ws = R"({"type":"Sequence","pretokenizers":[{"type":"WhitespaceSplit"},)" + kMetaspace + "]}";
-    auto tok_ws = m3rt::Tokenizer::from_json(tokenizer_json("null", ws, ""), "test");
+    auto tok_ws = m3rt::TextTokenizer::from_json(tokenizer_json("null", ws, ""), "test");
     // WhitespaceSplit drops the spaces, then each word gets its own ▁.
     CHECK(encode(*tok_ws, " ab \t c ") == (Ids{8, 4, 10}));
 }
@@ -114,17 +121,17 @@ void test_normalizers() {
     const std::string strip_replace =
         R"({"type":"Sequence","normalizers":[{"type":"Strip","strip_left":true,"strip_right":true},
             {"type":"Replace","pattern":{"Regex":" {2,}"},"content":" "},{"type":"Replace","pattern":{"String":"q"},"content":"a"}]})";
-    auto tok = m3rt::Tokenizer::from_json(tokenizer_json(strip_replace, kMetaspace, ""), "test");
+    auto tok = m3rt::TextTokenizer::from_json(tokenizer_json(strip_replace, kMetaspace, ""), "test");
     // Strip, then runs of spaces become one: "a b" -> ▁a | ▁b, and ▁b is ▁ + b.
     CHECK(encode(*tok, "  a    b  ") == (Ids{11, 4, 6}));
     CHECK(encode(*tok, "qb") == (Ids{8}));
-    auto nfkc = m3rt::Tokenizer::from_json(tokenizer_json(R"({"type":"NFKC"})", kMetaspace, ""), "test");
+    auto nfkc = m3rt::TextTokenizer::from_json(tokenizer_json(R"({"type":"NFKC"})", kMetaspace, ""), "test");
     // Full-width Ａ (U+FF41 ａ) -> a under NFKC.
     CHECK(encode(*nfkc, "\uff41b") == (Ids{8}));
 }
 
 void test_added_tokens() {
-    auto tok = m3rt::Tokenizer::from_json(tokenizer_json("null", kMetaspace, kMask), "test");
+    auto tok = m3rt::TextTokenizer::from_json(tokenizer_json("null", kMetaspace, kMask), "test");
     // Specials in the text are extracted before normalisation; the text around them is its own sequence
     // (each gets the ▁ prefix).
     CHECK(encode(*tok, "ab</s>ab") == (Ids{8, 2, 8}));
@@ -135,7 +142,7 @@ void test_added_tokens() {
     CHECK(encode(*tok, "<s") == (Ids{4, 3}));
     const std::string single_word =
         R"(,{"id":15,"content":"x","single_word":true,"lstrip":false,"rstrip":true,"normalized":false,"special":false})";
-    auto sw = m3rt::Tokenizer::from_json(tokenizer_json("null", kMetaspace, single_word), "test");
+    auto sw = m3rt::TextTokenizer::from_json(tokenizer_json("null", kMetaspace, single_word), "test");
     // "x" inside a word is not the added token; standing alone (then rstrip takes the space) it is.
     CHECK(encode(*sw, "axb") == (Ids{11, 15, 6}));
     CHECK(encode(*sw, "a x b") == (Ids{11, 4, 15, 4, 6}));
@@ -144,7 +151,7 @@ void test_added_tokens() {
 void test_refuses_unknown_components() {
     auto refused = [](const std::string& json) {
         try {
-            m3rt::Tokenizer::from_json(json, "test");
+            m3rt::TextTokenizer::from_json(json, "test");
         } catch (const m3rt::Error& e) {
             return e.code() == M3RT_UNSUPPORTED;
         }
@@ -224,6 +231,102 @@ void test_out_of_memory_splits_batches() {
     CHECK(!m3rt::is_out_of_memory("Invalid input name"));
 }
 
+template <typename F>
+m3rt_code code_of(F&& f) {
+    try {
+        f();
+    } catch (const m3rt::Error& e) {
+        return e.code();
+    }
+    return M3RT_OK;
+}
+
+void test_device_parsing() {
+    // The Python runtime's parse_device: "cpu", "cuda" (device 0), "cuda:N"; case and outer spaces ignored.
+    CHECK(m3rt::parse_device("cpu") == -1);
+    CHECK(m3rt::parse_device("cuda") == 0);
+    CHECK(m3rt::parse_device("cuda:0") == 0);
+    CHECK(m3rt::parse_device("cuda:3") == 3);
+    CHECK(m3rt::parse_device(" CUDA:12 ") == 12);
+    for (const char* bad : {"", "gpu", "cuda:", "cuda:-1", "cuda:x", "cuda:1.5", "cuda: 1", "cuda:99999999999"}) {
+        CHECK(code_of([&] { m3rt::parse_device(bad); }) == M3RT_INVALID_ARGUMENT);
+    }
+}
+
+void test_graph_selection() {
+    // The Python runtime's select_graph / int8_graph_for rules.
+    int probes = 0;
+    auto request = [&](const char* precision, bool cuda, bool exact) {
+        m3rt::GraphRequest r;
+        r.precision = precision;
+        r.cuda = cuda;
+        r.u8s8_exact = [&probes, exact] { ++probes; return exact; };
+        return r;
+    };
+    const std::vector<std::string> both = {"fp32", "fp32-flash", "fp16", "fp16-fused", "int8", "int8-u8"};
+    CHECK(m3rt::select_graph(both, request("int8", false, true)) == "int8");
+    CHECK(m3rt::select_graph(both, request("int8", false, false)) == "int8-u8");
+    CHECK(probes == 2);
+    CHECK(m3rt::select_graph({"fp32", "int8-u8"}, request("int8", false, true)) == "int8-u8");
+    CHECK(m3rt::select_graph({"fp32", "int8"}, request("int8", false, false)) == "int8");
+    CHECK(probes == 2);  // no choice to make: no probe
+    CHECK(m3rt::select_graph(both, request("fp32", false, true)) == "fp32-flash");
+    CHECK(m3rt::select_graph(both, request("fp32", true, true)) == "fp32");
+    CHECK(m3rt::select_graph(both, request("fp16", true, true)) == "fp16-fused");
+    CHECK(m3rt::select_graph(both, request("fp16", false, true)) == "fp16");
+    m3rt::GraphRequest named = request("int8", false, false);
+    named.graph = "int8";
+    CHECK(m3rt::select_graph(both, named) == "int8");
+    CHECK(code_of([&] { m3rt::select_graph(both, request("int4", false, true)); }) == M3RT_INVALID_ARGUMENT);
+}
+
+void test_manifest_paths_stay_inside() {
+    namespace fs = std::filesystem;
+    const fs::path root = fs::temp_directory_path() / ("m3rt-unit-" + std::to_string(::getpid()));
+    fs::create_directories(root);
+    auto manifest = [&](const std::string& graph_file, const std::string& tokenizer_file, int colbert_dim) {
+        std::ofstream(root / "m3rt.json")
+            << R"({"format":"m3rt-artifact","format_version":1,"files":{},"graphs":{"fp32":{"file":")" << graph_file
+            << R"(","outputs":{"dense_vecs":{},"sparse_weights":{},"colbert_vecs":{}}}},
+                 "model":{"hidden_size":8,"vocab_size":10,"max_length":16,"colbert_dim":)" << colbert_dim
+            << R"(},"special_tokens":{"pad":1},"tokenizer":{"file":")" << tokenizer_file << R"("}})";
+    };
+    m3rt::GraphRequest fp32;
+    manifest("model.onnx", "tokenizer.json", 8);
+    CHECK(code_of([&] { m3rt::read_artifact(root.string(), fp32, false); }) == M3RT_OK);
+    for (const char* bad : {"../outside.onnx", "/etc/passwd", "sub/../../x", ""}) {
+        manifest(bad, "tokenizer.json", 8);
+        CHECK(code_of([&] { m3rt::read_artifact(root.string(), fp32, false); }) == M3RT_ARTIFACT_ERROR);
+        manifest("model.onnx", bad, 8);
+        CHECK(code_of([&] { m3rt::read_artifact(root.string(), fp32, false); }) == M3RT_ARTIFACT_ERROR);
+    }
+    manifest("model.onnx", "tokenizer.json", 0);  // a ColBERT dimension of 0 would divide by zero later
+    CHECK(code_of([&] { m3rt::read_artifact(root.string(), fp32, false); }) == M3RT_ARTIFACT_ERROR);
+    fs::remove_all(root);
+}
+
+void test_truncation_reads_a_prefix() {
+    // With a max_length, the tokens are those of the whole text cut to max_length, whatever is after
+    // the part that yields them: a long tail (here invalid for the model: unknown) is never tokenised.
+    auto tok = m3rt::TextTokenizer::from_json(tokenizer_json("null", kMetaspace, kMask), "test");
+    std::string text;
+    for (int i = 0; i < 3000; ++i) text += i % 3 ? "ab a<mask> " : "abc  x ";
+    const Ids whole = encode(*tok, text, true);
+    for (size_t max_length : {size_t{2}, size_t{3}, size_t{10}, size_t{500}, size_t{4000}, whole.size(), whole.size() + 1}) {
+        const m3rt::Encoding cut = tok->encode(text, true, max_length);
+        const size_t n = std::min(max_length, whole.size());
+        Ids want(whole.begin(), whole.begin() + static_cast<long>(n - 1));  // <s> and the first tokens
+        want.push_back(2);                                                  // </s>
+        CHECK(cut.truncated == (whole.size() > max_length));
+        CHECK(cut.ids == (whole.size() > max_length ? want : whole));
+    }
+    // A whitespace-free text has no safe cut: it is tokenised whole, still cut to max_length.
+    const std::string run(20000, 'x');
+    const m3rt::Encoding x = tok->encode(run, false, 5);
+    CHECK(x.truncated && x.ids == (Ids{4, 16, 16, 16, 16}));  // "▁" then "xx" pieces
+    CHECK(tok->encode(run, false, 0).ids.size() == 10001);
+}
+
 }  // namespace
 
 int main() {
@@ -233,6 +336,9 @@ int main() {
         {"added_tokens", test_added_tokens},         {"refuses_unknown_components", test_refuses_unknown_components},
         {"utf8_validation", test_utf8_validation},   {"sparse_aggregation", test_sparse_aggregation},
         {"batching", test_batching},                 {"out_of_memory_splits_batches", test_out_of_memory_splits_batches},
+        {"device_parsing", test_device_parsing},     {"graph_selection", test_graph_selection},
+        {"manifest_paths_stay_inside", test_manifest_paths_stay_inside},
+        {"truncation_reads_a_prefix", test_truncation_reads_a_prefix},
     };
     for (const auto& [name, fn] : tests) {
         const int before = failures;

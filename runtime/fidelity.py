@@ -67,6 +67,8 @@ class Gate:
     dense_cos_min: float | None = None
     colbert_cos_mean: float | None = None
     sparse_top10_overlap: float | None = None
+    # Lexical key agreement: mean Jaccard of the kept tokens' sets.
+    sparse_jaccard: float | None = None
 
     def failures(self, figures: Mapping[str, float]) -> list[str]:
         return [
@@ -83,4 +85,6 @@ ENGINE_GATE = Gate(dense_cos_min=0.999, colbert_cos_mean=0.999)
 DEFAULT_GATES = {
     "fp16": Gate(dense_cos_min=0.999),
     "int8": Gate(dense_cos_min=0.99, colbert_cos_mean=0.98, sparse_top10_overlap=0.9),
+    # OpenVINO's bf16 inference precision on the fp32 graph (`m3rt.bf16_gate`).
+    "bf16": Gate(dense_cos_min=0.999, colbert_cos_mean=0.999, sparse_top10_overlap=0.95, sparse_jaccard=0.9),
 }

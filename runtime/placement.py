@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import m3rt.backends.openvino as openvino_engine
 import m3rt.int8_kernel as int8_arithmetic
 from m3rt.errors import ArtifactError, M3Error
 from m3rt.int8_kernel import Int8Kernel
@@ -348,3 +349,15 @@ register(
     )
 )  # fmt: skip
 register(EngineSpec("tensorrt", ("cuda",), _tensorrt_select, _tensorrt_runs, _tensorrt_unavailable, _tensorrt_create))
+
+
+def _openvino_create(manifest: Manifest, placement: Placement, options: Mapping[str, Any]) -> Any:
+    return openvino_engine.create(manifest, placement, options)
+
+
+register(
+    EngineSpec(
+        "openvino", ("cpu",), openvino_engine.select, openvino_engine.runs, openvino_engine.unavailable,
+        _openvino_create,
+    )
+)  # fmt: skip

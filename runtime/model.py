@@ -128,9 +128,12 @@ class M3Model:
     ) -> M3Model:
         """Load an artifact directory written by `m3-export`.
 
-        `backend`: "onnxruntime", "tensorrt" or "auto" (TensorRT when the artifact has an engine of
+        `backend`: "onnxruntime", "openvino" (CPU: fp32, or bf16 on CPUs with avx512_bf16 or AMX),
+        "tensorrt" or "auto" (TensorRT when the artifact has an engine of
         this precision and TensorRT and a GPU are present; else ONNX Runtime, on CUDA when no device
-        is given and onnxruntime-gpu sees a GPU, except for int8). `precision`: "fp32", "fp16" or "int8"
+        is given and onnxruntime-gpu sees a GPU, except for int8). `precision`: "fp32", "fp16", "int8",
+        "bf16" (OpenVINO) or "auto" (the CPU's fastest form within its gates, measured once per CPU;
+        `model.placement.auto` says what it measured)
         (for ONNX Runtime, "int8" is the CPU-fast graph; for TensorRT, the engine built from the
         explicit Q/DQ graph). `verify` checks every file against the manifest's sizes and sha256 first.
         `device`: "cpu" (default) or "cuda" / "cuda:N" for ONNX Runtime CUDA (also chosen when
@@ -142,7 +145,7 @@ class M3Model:
         """
         manifest = load_manifest(path, verify=verify)
         placement = resolve(manifest, precision, device, backend=backend, providers=providers)
-        notes = []
+        notes = [placement.auto.describe()] if placement.auto is not None else []
         if placement.int8_kernel is not None:
             kernel = placement.int8_kernel
             notes.append(f"int8: {placement.graph.file} for this CPU's {kernel.describe()} kernels")

@@ -13,7 +13,7 @@ the CPU; an explicit device keeps every engine that cannot run there out of the 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import m3rt.backends.openvino as openvino_engine
@@ -80,7 +80,7 @@ class Placement:
     the same engine and precision for long padded batches (flash attention), when the engine selects
     per batch. `int8_kernel`: this CPU's int8 arithmetic when an int8 graph runs on it, and
     `int8_check` whether that graph's gate was measured in other arithmetic (the loader then measures
-    it here before serving it).
+    it here before serving it). `auto`: what `precision="auto"` measured and picked.
     """
 
     engine: str
@@ -91,6 +91,8 @@ class Placement:
     long_document_graph: GraphInfo | None = None
     int8_kernel: Int8Kernel | None = None
     int8_check: bool = False
+    # How `precision="auto"` chose this placement (`m3rt.auto_precision.AutoChoice`); None when asked for.
+    auto: Any = None
 
     @property
     def graphs(self) -> tuple[GraphInfo, ...]:
@@ -215,12 +217,18 @@ def resolve(
     backend: str = "onnxruntime",
     providers: Sequence[Any] | None = None,
 ) -> Placement:
-    """The placement of `precision` of `manifest`: engine `backend` ("onnxruntime", "tensorrt" or
-    "auto") on `device` ("cpu", "cuda", "cuda:N"; None: the engine's default, or CUDA when `providers`
-    asks for CUDAExecutionProvider). ArtifactError when the engine cannot serve it there."""
+    """The placement of `precision` of `manifest`: engine `backend` ("onnxruntime", "openvino",
+    "tensorrt" or "auto") on `device` ("cpu", "cuda", "cuda:N"; None: the engine's default, or CUDA when
+    `providers` asks for CUDAExecutionProvider). ArtifactError when the engine cannot serve it there.
+
+    `precision="auto"` (CPU only) picks engine and precision: the fastest form whose gate holds on this
+    CPU, measured once per CPU and artifact (`m3rt.auto_precision`); `backend` must then be "auto" or
+    the default "onnxruntime"."""
     requested = _requested_device(device, providers)
     if requested is None and providers:
         requested = Device("cpu", 0)  # a provider list without CUDA keeps ONNX Runtime on the CPU
+    if precision == "auto":
+        return _resolve_auto(manifest, requested, backend)
     if backend == "auto":
         reasons = []
         for name, where in _auto_candidates(manifest, precision, requested):
@@ -237,6 +245,18 @@ def resolve(
     if where.kind not in spec.devices:
         raise ArtifactError(f"the {backend} backend runs on {', '.join(spec.devices)}, not on {where}")
     return _place(manifest, precision, backend, where)
+
+
+def _resolve_auto(manifest: Manifest, requested: Device | None, backend: str) -> Placement:
+    if requested is not None and requested.kind != "cpu":
+        raise ArtifactError(f"precision='auto' chooses among the CPU's forms; on {requested} pass 'fp32' or 'fp16'")
+    if backend not in ("auto", "onnxruntime"):
+        raise ArtifactError(f"precision='auto' chooses the engine too; pass backend='auto', not {backend!r}")
+    from m3rt.auto_precision import choose
+
+    choice = choose(manifest)
+    placement = _place(manifest, choice.precision, choice.engine, Device("cpu", 0))
+    return replace(placement, auto=choice)
 
 
 def _place(manifest: Manifest, precision: str, engine: str, device: Device) -> Placement:

@@ -135,3 +135,16 @@ def test_m3_export_bf16_records_the_gate(tiny, tmp_path, capsys):
     assert "OpenVINO bf16 vs fp32" in capsys.readouterr().out
     fidelity = load_manifest(out).data[SECTION]["bf16"]["fidelity"]
     assert fidelity["passed"] and fidelity["gate"] == vars(DEFAULT_GATES["bf16"])
+
+
+@needs_bf16
+def test_cached_compiled_model_keeps_each_precision(artifact_copy, texts):
+    # OpenVINO keeps one compiled blob per graph and applies the precision hint when it imports it.
+    fp32 = M3Model.load(artifact_copy, backend="openvino").encode(texts[:6], **ALL)
+    cached = M3Model.load(artifact_copy, backend="openvino", precision="bf16").encode(texts[:6], **ALL)
+    uncached = M3Model.load(
+        artifact_copy, backend="openvino", precision="bf16", backend_options={"cache_dir": None}
+    ).encode(texts[:6], **ALL)
+    for a, b in zip(cached["colbert_vecs"], uncached["colbert_vecs"]):
+        np.testing.assert_array_equal(a, b)
+    assert compare_outputs(cached, fp32)["colbert_cos_min"] < 1 - 1e-9  # bf16, not the fp32 blob

@@ -148,3 +148,15 @@ def test_cached_compiled_model_keeps_each_precision(artifact_copy, texts):
     for a, b in zip(cached["colbert_vecs"], uncached["colbert_vecs"]):
         np.testing.assert_array_equal(a, b)
     assert compare_outputs(cached, fp32)["colbert_cos_min"] < 1 - 1e-9  # bf16, not the fp32 blob
+
+
+def test_concurrent_encodes_match_sequential(tiny, texts):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = M3Model.load(tiny[1], backend="openvino")
+    chunks = [texts[i::4] for i in range(4)]
+    sequential = [model.encode(chunk, batch_size=2, **ALL) for chunk in chunks]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda chunk: model.encode(chunk, batch_size=2, **ALL), chunks * 3))
+    for got, want in zip(concurrent, sequential * 3):
+        np.testing.assert_array_equal(got["dense_vecs"], want["dense_vecs"])

@@ -160,3 +160,14 @@ def test_concurrent_encodes_match_sequential(tiny, texts):
         concurrent = list(pool.map(lambda chunk: model.encode(chunk, batch_size=2, **ALL), chunks * 3))
     for got, want in zip(concurrent, sequential * 3):
         np.testing.assert_array_equal(got["dense_vecs"], want["dense_vecs"])
+
+
+def test_m3_export_bf16_on_a_cpu_without_it_says_so(tiny, tmp_path, capsys, monkeypatch):
+    from m3rt.export.cli import main as export_main
+
+    monkeypatch.setattr(ov_backend, "bf16_flags", lambda: frozenset())
+    out = tmp_path / "artifact"
+    assert export_main(["--model", str(tiny[0]), "--output", str(out), "--bf16"]) != 0
+    err = capsys.readouterr().err
+    assert "bf16 is not recorded" in err and "no native bf16" in err
+    assert SECTION not in load_manifest(out).data  # the artifact itself is complete and verifies

@@ -3,10 +3,12 @@
     /usr/bin/time -v python -m m3rt.benchmarks.long_document flash ARTIFACT [--mcls]
     /usr/bin/time -v python -m m3rt.benchmarks.long_document plain ARTIFACT
     /usr/bin/time -v python -m m3rt.benchmarks.long_document flagembedding ARTIFACT --checkpoint CKPT
+    /usr/bin/time -v python -m m3rt.benchmarks.long_document openvino-bf16 ARTIFACT
 
 `flash`: `M3Model.load(ARTIFACT)` (long batches run on the flash-attention graph when the artifact
 has one); `plain`: the artifact's `model.onnx` alone (unfused attention); `flagembedding`:
-FlagEmbedding's BGEM3FlagModel fp32 on the checkpoint the artifact was exported from. `--out DIR`
+FlagEmbedding's BGEM3FlagModel fp32 on the checkpoint the artifact was exported from;
+`openvino-fp32` / `openvino-bf16`: `model.onnx` through OpenVINO (`backend="openvino"`). `--out DIR`
 saves the outputs for comparing runners. Prints one JSON line.
 """
 
@@ -33,7 +35,7 @@ def _text(artifact: Path, tokens: int) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m3rt.benchmarks.long_document", description=__doc__)
-    parser.add_argument("runner", choices=("flash", "plain", "flagembedding"))
+    parser.add_argument("runner", choices=("flash", "plain", "flagembedding", "openvino-fp32", "openvino-bf16"))
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--checkpoint", type=Path, help="the source checkpoint (flagembedding)")
     parser.add_argument("--tokens", type=int, default=8192)
@@ -58,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from m3rt import M3Model
 
-        options = {"long_session_arena": True} if args.long_session_arena else None
-        model = M3Model.load(args.artifact, verify=False, backend_options=options)
+        if args.runner.startswith("openvino-"):
+            precision = args.runner.split("-", 1)[1]
+            model = M3Model.load(args.artifact, verify=False, backend="openvino", precision=precision)
+        else:
+            options = {"long_session_arena": True} if args.long_session_arena else None
+            model = M3Model.load(args.artifact, verify=False, backend_options=options)
         if args.runner == "plain":
             from m3rt.backends.onnxruntime import OnnxRuntimeBackend
 

@@ -54,6 +54,16 @@ def m3rt_runners(
     # precision="int8" serves model.int8.onnx or its uint8 twin, whichever this CPU computes exactly
     cpu_graphs = set(manifest.graph_names) | ({"int8"} if manifest.has_graph("int8-u8") else set())
     combos = [("onnxruntime", p, "cpu") for p in ("fp32", "int8") if p in cpu_graphs]
+    openvino_missing = ENGINES["openvino"].unavailable(Device("cpu", 0))
+    if openvino_missing is None:
+        from m3rt.backends.openvino import bf16_unsupported_reason
+
+        combos.append(("openvino", "fp32", "cpu"))
+        bf16_missing = bf16_unsupported_reason()
+        combos += [("openvino", "bf16", "cpu")] if bf16_missing is None else []
+        notes += [f"OpenVINO bf16: skipped ({bf16_missing})"] if bf16_missing else []
+    else:
+        notes.append(f"OpenVINO: skipped ({openvino_missing})")
     if ENGINES["onnxruntime"].unavailable(Device("cuda", 0)) is None:
         # fp16 on CUDA runs the fused graph when the artifact has one (m3rt.placement.select_graph).
         graphs = set(manifest.graph_names) | ({"fp16"} if manifest.has_graph("fp16-fused") else set())

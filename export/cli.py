@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     precision = parser.add_argument_group("precision variants")
     precision.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx")
+    precision.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also measure OpenVINO bf16 (INFERENCE_PRECISION_HINT on model.onnx) against fp32 on this CPU and "
+        "record its gate in the manifest (needs m3rt[openvino] and a CPU with avx512_bf16 or AMX)",
+    )
     precision.add_argument("--fp16-outputs", action="store_true", help="fp16 graph returns float16 outputs")
     precision.add_argument(
         "--fused",
@@ -158,16 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"m3-export: error: {exc}", file=sys.stderr)
         return 1
+    if args.bf16:
+        from m3rt.bf16_gate import record_bf16_gate
+
+        try:
+            manifest.setdefault("cpu_precisions", {})["bf16"] = record_bf16_gate(
+                args.output, allow_degraded=args.allow_degraded
+            )
+        except M3Error as exc:
+            print(f"m3-export: error: {args.output} is written, but bf16 is not recorded: {exc}", file=sys.stderr)
+            return error_answer(exc).exit_code
     validation = manifest["graphs"]["fp32"]["validation"]
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
     print(f"validated on {validation['texts']} texts (up to {validation['max_tokens']} tokens) against PyTorch:")
     for head, fig in validation["heads"].items():
         print(f"  {head:15s} max abs diff {fig['max_abs_diff']:.2e}   min cosine {fig['min_cosine']:.8f}")
-    for graph in manifest["graphs"].values():
+    for graph in [*manifest["graphs"].values(), *manifest.get("cpu_precisions", {}).values()]:
         if "fidelity" in graph:
             fid = graph["fidelity"]
+            name = graph.get("file") or "OpenVINO bf16"
             print(
-                f"{graph['file']} vs fp32 on {fid['texts']} held-out texts: dense cos min {fid['dense_cos_min']:.5f} "
+                f"{name} vs fp32 on {fid['texts']} held-out texts: dense cos min {fid['dense_cos_min']:.5f} "
                 f"mean {fid['dense_cos_mean']:.5f}; ColBERT cos min {fid['colbert_cos_min']:.5f} mean "
                 f"{fid['colbert_cos_mean']:.5f}; sparse top-10 {fid['sparse_top10_overlap']:.3f}, Jaccard "
                 f"{fid['sparse_jaccard']:.3f}, max weight err {fid['sparse_weight_max_abs_err']:.4f}"
@@ -175,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             on = fid.get("measured_on")
             if isinstance(on, dict):
-                print(f"  measured on {on.get('cpu', '?')}: {on.get('kernel') or on.get('arithmetic')}", end="")
+                how = on.get("kernel") or on.get("arithmetic") or f"OpenVINO {on.get('openvino')}"
+                print(f"  measured on {on.get('cpu', '?')}: {how}", end="")
                 print(f"; {on['graph']}" if on.get("graph") else "")
     for engine in manifest.get("engines", {}).values():
         print(

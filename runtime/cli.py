@@ -61,6 +61,27 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_cpu_forms(manifest) -> None:
+    """The bf16 form's recorded gate and what precision='auto' picked on this CPU (when measured)."""
+    from m3rt.auto_precision import cached_choice
+
+    bf16 = manifest.data.get("cpu_precisions", {}).get("bf16")
+    if bf16:
+        fid = bf16["fidelity"]
+        on = fid.get("measured_on", {})
+        print(
+            f"bf16     OpenVINO on the fp32 graph: dense cos min {fid['dense_cos_min']:.5f}, ColBERT cos mean "
+            f"{fid['colbert_cos_mean']:.5f}, sparse top-10 {fid['sparse_top10_overlap']:.3f}, lexical keys "
+            f"{fid['sparse_jaccard']:.3f}{'' if fid['passed'] else ' (BELOW GATE)'}; measured on "
+            f"{on.get('cpu', '?')} (OpenVINO {on.get('openvino', '?')})"
+        )
+    choice = cached_choice(manifest)
+    if choice is None:
+        print("auto     precision='auto' has not measured this CPU yet (the first load with it measures)")
+    else:
+        print(f"auto     {choice.describe()}")
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from m3rt.manifest import load_manifest
 
@@ -102,6 +123,7 @@ def _inspect(args: argparse.Namespace) -> int:
         kernel = placement.int8_kernel
         served = placement.graph.file
         print(f"int8     this CPU ({kernel.cpu}): {kernel.describe()}; precision='int8' serves {served}")
+    _inspect_cpu_forms(manifest)
     for engine in map(manifest.engine, manifest.engine_names):
         print(
             f"engine   {engine.name}: {engine.file} TensorRT {engine.tensorrt_version} on {engine.gpu} "

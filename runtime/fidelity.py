@@ -175,6 +175,8 @@ ENGINE_GATE = Gate(dense_cos_min=0.999, colbert_cos_mean=0.999)
 DEFAULT_GATES = {
     "fp16": Gate(dense_cos_min=0.999),
     "int8": Gate(dense_cos_min=0.99, colbert_cos_mean=0.98, sparse_top10_overlap=0.9),
+    # OpenVINO's bf16 inference precision on the fp32 graph (`m3rt.bf16_gate`).
+    "bf16": Gate(dense_cos_min=0.999, colbert_cos_mean=0.999, sparse_top10_overlap=0.95, sparse_jaccard=0.9),
 }
 
 def gate_for(name: str, gates: Mapping[str, Gate] | None = None) -> Gate:

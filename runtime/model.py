@@ -9,7 +9,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from m3rt.auto_precision import resolve_auto
 from m3rt.backends import Backend
+from m3rt.bf16_gate import check_bf16_on_this_cpu
 from m3rt.core import BatchRunner
 from m3rt.errors import InputError
 from m3rt.explain import Explanation, explain
@@ -130,9 +132,12 @@ class M3Model:
     ) -> M3Model:
         """Load an artifact directory written by `m3-export`.
 
-        `backend`: "onnxruntime", "tensorrt" or "auto" (TensorRT when the artifact has an engine of
+        `backend`: "onnxruntime", "openvino" (CPU: fp32, or bf16 on CPUs with avx512_bf16 or AMX),
+        "tensorrt" or "auto" (TensorRT when the artifact has an engine of
         this precision and TensorRT and a GPU are present; else ONNX Runtime, on CUDA when no device
-        is given and onnxruntime-gpu sees a GPU, except for int8). `precision`: "fp32", "fp16" or "int8"
+        is given and onnxruntime-gpu sees a GPU, except for int8). `precision`: "fp32", "fp16", "int8",
+        "bf16" (OpenVINO) or "auto" (the CPU's fastest form within its gates, measured once per CPU;
+        `model.placement.auto` says what it measured)
         (for ONNX Runtime, "int8" is the CPU-fast graph; for TensorRT, the engine built from the
         explicit Q/DQ graph). `verify` checks every file against the manifest's sizes and sha256 first.
         `device`: "cpu" (default) or "cuda" / "cuda:N" for ONNX Runtime CUDA (also chosen when
@@ -143,8 +148,11 @@ class M3Model:
         the device kernels.
         """
         manifest = load_manifest(path, verify=verify)
-        placement = resolve(manifest, precision, device, backend=backend, providers=providers)
-        notes = []
+        if precision == "auto":
+            placement = resolve_auto(manifest, device, backend)
+        else:
+            placement = resolve(manifest, precision, device, backend=backend, providers=providers)
+        notes = [placement.auto.describe()] if placement.auto is not None else []
         if placement.int8_kernel is not None:
             kernel = placement.int8_kernel
             notes.append(f"int8: {placement.graph.file} for this CPU's {kernel.describe()} kernels")
@@ -158,6 +166,9 @@ class M3Model:
             intra_op_threads=intra_op_threads,
             backend_options=backend_options,
         )
+        if placement.engine == "openvino" and placement.precision == "bf16":
+            # bf16 has no graph of its own: its gate is this CPU's, measured here unless recorded for it.
+            notes.append(check_bf16_on_this_cpu(manifest, engine))
         if hasattr(engine, "notes"):
             engine.notes.extend(notes)
         post = PostProcessor(_unused_ids(manifest), colbert_fp16=colbert_fp16, device_postprocess=device_postprocess)

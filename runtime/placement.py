@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import m3rt.backends.openvino as openvino_engine
 import m3rt.int8_kernel as int8_arithmetic
 from m3rt.errors import ArtifactError, M3Error
 from m3rt.int8_kernel import Int8Kernel
@@ -79,7 +80,7 @@ class Placement:
     the same engine and precision for long padded batches (flash attention), when the engine selects
     per batch. `int8_kernel`: this CPU's int8 arithmetic when an int8 graph runs on it, and
     `int8_check` whether that graph's gate was measured in other arithmetic (the loader then measures
-    it here before serving it).
+    it here before serving it). `auto`: what `precision="auto"` measured and picked.
     """
 
     engine: str
@@ -90,6 +91,8 @@ class Placement:
     long_document_graph: GraphInfo | None = None
     int8_kernel: Int8Kernel | None = None
     int8_check: bool = False
+    # How `precision="auto"` chose this placement (`m3rt.auto_precision.AutoChoice`); None when asked for.
+    auto: Any = None
 
     @property
     def graphs(self) -> tuple[GraphInfo, ...]:
@@ -211,12 +214,18 @@ def resolve(
     backend: str = "onnxruntime",
     providers: Sequence[Any] | None = None,
 ) -> Placement:
-    """The placement of `precision` of `manifest`: engine `backend` ("onnxruntime", "tensorrt" or
-    "auto") on `device` ("cpu", "cuda", "cuda:N"; None: the engine's default, or CUDA when `providers`
-    asks for CUDAExecutionProvider). ArtifactError when the engine cannot serve it there."""
+    """The placement of `precision` of `manifest`: engine `backend` ("onnxruntime", "openvino",
+    "tensorrt" or "auto") on `device` ("cpu", "cuda", "cuda:N"; None: the engine's default, or CUDA when
+    `providers` asks for CUDAExecutionProvider). ArtifactError when the engine cannot serve it there.
+
+    `precision="auto"` (CPU only) picks engine and precision: the fastest form whose gate holds on this
+    CPU, measured once per CPU and artifact (`m3rt.auto_precision`); `backend` must then be "auto" or
+    the default "onnxruntime"."""
     requested = _requested_device(device, providers)
     if requested is None and providers:
         requested = Device("cpu", 0)  # a provider list without CUDA keeps ONNX Runtime on the CPU
+    if precision == "auto":
+        raise ArtifactError("precision='auto' is measured, not resolved: m3rt.auto_precision.resolve_auto")
     if backend == "auto":
         reasons = []
         for name, where in _auto_candidates(manifest, precision, requested):
@@ -246,7 +255,8 @@ def _place(manifest: Manifest, precision: str, engine: str, device: Device) -> P
     if device.kind != "cpu":
         return Placement(engine, device, precision, record)
     if record.name not in INT8_CPU_GRAPHS:
-        return Placement(engine, device, precision, record, long_document_graph=_flash_twin(manifest, record))
+        twin = _flash_twin(manifest, record) if engine == "onnxruntime" else None
+        return Placement(engine, device, precision, record, long_document_graph=twin)
     kernel = int8_arithmetic.int8_kernel()  # looked up when called: tests stand in another CPU's
     if precision == "int8":
         record = manifest.graph(int8_graph_for(manifest, kernel))
@@ -378,3 +388,15 @@ register(
     )
 )  # fmt: skip
 register(EngineSpec("tensorrt", ("cuda",), _tensorrt_select, _tensorrt_runs, _tensorrt_unavailable, _tensorrt_create))
+
+
+def _openvino_create(manifest: Manifest, placement: Placement, options: Mapping[str, Any]) -> Any:
+    return openvino_engine.create(manifest, placement, options)
+
+
+register(
+    EngineSpec(
+        "openvino", ("cpu",), openvino_engine.select, openvino_engine.runs, openvino_engine.unavailable,
+        _openvino_create,
+    )
+)  # fmt: skip

@@ -105,3 +105,13 @@ def test_without_matplotlib_the_report_is_written_without_the_plot(tiny, tmp_pat
     assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").is_file()
     assert not (tmp_path / "results.png").exists()
     assert "matplotlib is not installed: pip install 'm3rt[bench]'" in capsys.readouterr().err
+
+
+def test_openvino_forms_side_by_side(report):
+    pytest.importorskip("openvino")
+    from m3rt.backends.openvino import bf16_flags
+
+    results = {r["runner"]: r for r in report[1]["results"]}
+    assert results["m3rt openvino cpu fp32"]["fidelity_vs_fp32"]["dense_cos_min"] > 0.99999
+    if bf16_flags():
+        assert results["m3rt openvino cpu bf16"]["fidelity_vs_fp32"]["dense_cos_min"] >= 0.999

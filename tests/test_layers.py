@@ -51,6 +51,8 @@ _RUNTIME = (
     "m3rt.scoring",
     "m3rt.sentences",
     "m3rt.validation",
+    "m3rt.bf16_gate",
+    "m3rt.auto_precision",
 )
 
 # Module or package -> what it may import (prefixes on dotted boundaries; its own package's
@@ -104,6 +106,13 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "m3rt.granularity": ("m3rt.errors", "m3rt.heads", "m3rt.long_document", "m3rt.postprocess", "m3rt.sentences"),
     "m3rt.explain": ("m3rt.errors", "m3rt.scoring"),
     "m3rt.explain_view": ("m3rt.explain",),
+    # Measured choices at load: bf16's gate on this CPU, precision="auto" among the CPU's forms.
+    "m3rt.bf16_gate": (
+        *_RUNTIME_FOUNDATION, "m3rt.backends", "m3rt.fidelity", "m3rt.int8_kernel", "m3rt.validation"
+    ),
+    "m3rt.auto_precision": (
+        *_RUNTIME_FOUNDATION, "m3rt.bf16_gate", "m3rt.int8_kernel", "m3rt.placement", "m3rt.validation"
+    ),
     "m3rt.model": tuple(
         m for m in _RUNTIME if m not in (ROOT, "m3rt.model", "m3rt.explain_view", "m3rt.fidelity", "m3rt.samples")
     ),

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from m3rt.errors import InputError, M3Error, error_answer
 from m3rt.heads import HEADS, OUTPUT_DENSE, OUTPUT_SPARSE
 from m3rt.scoring import pair_scores
-from m3rt.serve.batching import OUTPUTS, EncodedTexts, EncodeJob
+from m3rt.serve.batching import OUTPUTS, EncodedTexts, EncodeJob, merge_encoded, split_job
 from m3rt.serve.metrics import Metrics
 from m3rt.serve.protocol import (
     EmbeddingsRequest,
@@ -87,6 +87,16 @@ class Limits:
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 2048  # texts, documents or pairs per request
     max_pending: int = 512  # requests in progress in this process before new ones get 503
+    # Tokens after truncation (specials included) of all a request's texts: embeddings, encode, rerank
+    # (query and documents) and score (both sides of every pair) alike.
+    max_request_tokens: int = 262144
+    # ColBERT floats one response may carry (tokens - 1 per text, x hidden size): 64 MiB as float32,
+    # several times that as JSON floats.
+    max_colbert_values: int = 1 << 24
+    # A request's texts go to the encoder in parts of at most this many padded tokens (the batch budget).
+    part_tokens: int = 16384
+    # From the first part sent to the encoder to the last result: past it, 504.
+    request_timeout_s: float = 300.0
 
 
 class ApiError(Exception):
@@ -275,11 +285,35 @@ def create_app(
             raise api_error(exc, param) from None
         return EncodeJob(tuple(texts), tuple(ids), max_length, frozenset(outputs))
 
+    def check_size(jobs: list[EncodeJob], colbert_returned: bool) -> None:
+        """413 for a request over the token or response budget: after tokenising, before any model work."""
+        tokens = sum(job.num_tokens for job in jobs)
+        if tokens > limits.max_request_tokens:
+            message = (
+                f"request has {tokens} tokens after truncation; at most {limits.max_request_tokens} per request: "
+                "split it into several requests or lower max_length"
+            )
+            raise ApiError(413, message, "too_many_tokens")
+        if colbert_returned:
+            values = sum(length - 1 for job in jobs for length in job.lengths) * served.hidden_size
+            if values > limits.max_colbert_values:
+                message = (
+                    f"the ColBERT vectors asked for hold {values} floats; at most {limits.max_colbert_values} "
+                    "per response: ask for fewer texts or lower max_length"
+                )
+                raise ApiError(413, message, "response_too_large", "return_colbert")
+
+    async def run_job(job: EncodeJob) -> EncodedTexts:
+        return merge_encoded([await encoder.encode(part) for part in split_job(job, limits.part_tokens)])
+
     async def run(*jobs: EncodeJob) -> list[EncodedTexts]:
         try:
-            results = await asyncio.gather(*(encoder.encode(job) for job in jobs))
+            results = await asyncio.wait_for(asyncio.gather(*map(run_job, jobs)), limits.request_timeout_s)
         except M3Error as exc:
             raise api_error(exc) from None
+        except TimeoutError:
+            message = f"request not done within {limits.request_timeout_s} s; send fewer or shorter texts"
+            raise ApiError(504, message, "timeout") from None
         for job in jobs:
             metrics.texts.inc(len(job.texts))
             metrics.tokens.inc(job.num_tokens)
@@ -294,6 +328,7 @@ def create_app(
         outputs = _outputs(dense=True, sparse=req.return_sparse, colbert=req.return_colbert)
         max_length = check_length(req.max_length, served.passage_max_length, "max_length")
         job = await make_job(as_texts(req.input), max_length, req.truncate, outputs, "input")
+        check_size([job], req.return_colbert)
         (out,) = await run(job)
         data = []
         for i in range(len(job.texts)):
@@ -317,6 +352,7 @@ def create_app(
             raise ApiError(400, "ask for at least one of return_dense, return_sparse, return_colbert", "no_output")
         max_length = check_length(req.max_length, served.passage_max_length, "max_length")
         job = await make_job(as_texts(req.input), max_length, req.truncate, outputs, "input")
+        check_size([job], req.return_colbert)
         (out,) = await run(job)
         data = []
         for i in range(len(job.texts)):
@@ -372,6 +408,7 @@ def create_app(
         documents = req.document_texts()
         query_job = await make_job([req.query], q_len, True, everything, "query")
         docs_job = await make_job(documents, p_len, True, everything, "documents")
+        check_size([query_job, docs_job], False)
         query, docs = await run(query_job, docs_job)
         scores = weighted_scores(query, docs, len(documents), weights)
         combined = scores["colbert+sparse+dense"]
@@ -397,6 +434,7 @@ def create_app(
         p_len = check_length(req.max_passage_length, served.passage_max_length, "max_passage_length")
         query_job = await make_job([p[0] for p in req.pairs], q_len, True, everything, "pairs")
         passage_job = await make_job([p[1] for p in req.pairs], p_len, True, everything, "pairs")
+        check_size([query_job, passage_job], False)
         queries, passages = await run(query_job, passage_job)
         scores = weighted_scores(queries, passages, None, weights)
         data = [{"index": i, "scores": _score_dict(scores, i)} for i in range(len(req.pairs))]

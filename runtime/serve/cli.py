@@ -32,6 +32,11 @@ def add_serve_parser(sub: Any) -> None:
     srv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     srv.add_argument("--max-ongoing", type=int, default=64, help="requests in progress per replica")
     srv.add_argument("--max-queued", type=int, default=512, help="requests queued before 503 (-1: unbounded)")
+    srv.add_argument(
+        "--max-request-tokens", type=int, default=262144, help="tokens per request after truncation, else 413"
+    )
+    srv.add_argument("--max-colbert-values", type=int, default=1 << 24, help="ColBERT floats per response, else 413")
+    srv.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request, else 504")
     srv.add_argument("--no-access-log", action="store_true", help="no log line per request")
     srv.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact")
     srv.set_defaults(func=serve)
@@ -63,6 +68,9 @@ def serve(args: argparse.Namespace) -> int:
             max_ongoing_requests=args.max_ongoing,
             max_queued_requests=args.max_queued,
             access_log=not args.no_access_log,
+            max_request_tokens=args.max_request_tokens,
+            max_colbert_values=args.max_colbert_values,
+            request_timeout_s=args.request_timeout,
         )
         config.deployment_options()
     except (ValidationError, ValueError) as exc:

@@ -53,6 +53,9 @@ class ServeConfig(BaseModel):
     max_queued_requests: int = Field(default=512, ge=-1)
     max_body_bytes: int = Field(default=Limits.max_body_bytes, ge=1)
     max_inputs: int = Field(default=Limits.max_inputs, ge=1)
+    max_request_tokens: int = Field(default=Limits.max_request_tokens, ge=2)
+    max_colbert_values: int = Field(default=Limits.max_colbert_values, ge=0)
+    request_timeout_s: float = Field(default=Limits.request_timeout_s, gt=0)
     # Serve's log line per request (its replica log and the driver's console).
     access_log: bool = True
 
@@ -147,7 +150,15 @@ class M3Deployment:
         return create_app(
             ServedModel.of(self.model, self.config.model_name, metadata),
             self,
-            limits=Limits(self.config.max_body_bytes, self.config.max_inputs, self.config.max_ongoing_requests),
+            limits=Limits(
+                self.config.max_body_bytes,
+                self.config.max_inputs,
+                self.config.max_ongoing_requests,
+                max_request_tokens=self.config.max_request_tokens,
+                max_colbert_values=self.config.max_colbert_values,
+                part_tokens=self.config.max_batch_tokens,
+                request_timeout_s=self.config.request_timeout_s,
+            ),
             metrics=self.metrics,
             headers={"x-m3rt-node": self.node_id, "x-m3rt-replica": self.replica_id},
         )

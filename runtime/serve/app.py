@@ -10,15 +10,19 @@ large, 422 wrong types or fields, 503 too many requests pending; an `M3Error` is
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
@@ -40,10 +44,14 @@ from m3rt.serve.protocol import (
 )
 from m3rt.tokenizer import M3Tokenizer
 
+logger = logging.getLogger("m3rt.serve")
+
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 ROUTES = ("/v1/embeddings", "/v1/encode", "/v1/rerank", "/v1/score", "/v1/models", "/health", "/ready", "/metrics")
 # Routes that queue work: the ones counted against `Limits.max_pending`.
 _WORK_ROUTES = frozenset(ROUTES[:4])
+# Routes a load balancer or orchestrator probes without a key.
+_OPEN_ROUTES = frozenset({"/health", "/ready"})
 
 
 class Encoder(Protocol):
@@ -110,9 +118,19 @@ class ApiError(Exception):
         return JSONResponse(error_body(self.message, kind, self.code, self.param), self.status, headers=headers)
 
 
+def internal_error(exc: BaseException, code: str = "internal_error") -> ApiError:
+    """A 500 whose details stay in the server's log: the body names only a request id to look them up by."""
+    request_id = uuid.uuid4().hex
+    logger.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc, exc_info=exc)
+    return ApiError(500, f"internal error (request id {request_id}); the server log has the details", code)
+
+
 def api_error(exc: M3Error, param: str | None = None) -> ApiError:
-    """An `M3Error` as the API answers it (`m3rt.errors.ERROR_ANSWERS`)."""
+    """An `M3Error` as the API answers it (`m3rt.errors.ERROR_ANSWERS`); a server fault (500) without
+    its text (`internal_error`), an overloaded server (503) with it."""
     answer = error_answer(exc)
+    if answer.http_status == 500:
+        return internal_error(exc, answer.code)
     message = f"{param}: {exc}" if param is not None else str(exc)
     return ApiError(answer.http_status, message, answer.code, param)
 
@@ -203,6 +221,28 @@ class _Accounting:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
+class _ApiKey:
+    """ASGI middleware: `Authorization: Bearer KEY` on every route but the probes, else 401 JSON."""
+
+    def __init__(self, app: Any, *, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        # Constant time: how much of a guess matches must not show in the answer's timing.
+        if not hmac.compare_digest(given, self.expected):
+            message = "missing or wrong API key: send Authorization: Bearer <key>"
+            refused = ApiError(401, message, "invalid_api_key").response()
+            refused.headers["WWW-Authenticate"] = "Bearer"
+            await refused(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     served: ServedModel,
     encoder: Encoder,
@@ -211,9 +251,12 @@ def create_app(
     metrics: Metrics | None = None,
     headers: Mapping[str, str] | None = None,
     ready: Callable[[], bool] | None = None,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The API over `encoder`. `headers` go on every response (e.g. which node answered);
-    `ready` decides /ready (default: always ready, the encoder exists)."""
+    `ready` decides /ready (default: always ready, the encoder exists); `api_key`: the Bearer key
+    every route but /health and /ready needs; `cors_origins`: browser origins allowed (none by default)."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
     extra_headers = dict(headers or {})
@@ -230,10 +273,20 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        return ApiError(500, message, "internal_error").response()
+        return internal_error(exc).response()
 
+    # Inside accounting (added first), so refused keys show in the metrics; CORS outermost, so a
+    # browser's preflight, which carries no key, is answered.
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key)
     app.add_middleware(_Accounting, limits=limits, metrics=metrics, headers=extra_headers)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     async def parse(request: Request, kind: type[RequestModel]) -> RequestModel:
         too_large = ApiError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ def add_serve_parser(sub: Any) -> None:
     )
     srv.add_argument("--max-colbert-values", type=int, default=1 << 24, help="ColBERT floats per response, else 413")
     srv.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request, else 504")
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("M3RT_API_KEY"),
+        help="require Authorization: Bearer KEY on every route but /health and /ready "
+        "(default: $M3RT_API_KEY; prefer it, a command line is visible to every user of the machine)",
+    )
+    srv.add_argument(
+        "--cors-origin", action="append", default=[], help="a browser origin allowed to call the API (repeatable)"
+    )
     srv.add_argument("--no-access-log", action="store_true", help="no log line per request")
     srv.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact")
     srv.set_defaults(func=serve)
@@ -71,6 +81,8 @@ def serve(args: argparse.Namespace) -> int:
             max_request_tokens=args.max_request_tokens,
             max_colbert_values=args.max_colbert_values,
             request_timeout_s=args.request_timeout,
+            api_key=args.api_key or None,
+            cors_origins=args.cors_origin,
         )
         config.deployment_options()
     except (ValidationError, ValueError) as exc:

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 
 from m3rt.serve.app import Limits, ServedModel, create_app
@@ -56,6 +56,9 @@ class ServeConfig(BaseModel):
     max_request_tokens: int = Field(default=Limits.max_request_tokens, ge=2)
     max_colbert_values: int = Field(default=Limits.max_colbert_values, ge=0)
     request_timeout_s: float = Field(default=Limits.request_timeout_s, gt=0)
+    # The Bearer key of every route but /health and /ready (None: no key), kept out of reprs and logs.
+    api_key: SecretStr | None = None
+    cors_origins: list[str] = Field(default_factory=list)
     # Serve's log line per request (its replica log and the driver's console).
     access_log: bool = True
 
@@ -161,6 +164,8 @@ class M3Deployment:
             ),
             metrics=self.metrics,
             headers={"x-m3rt-node": self.node_id, "x-m3rt-replica": self.replica_id},
+            api_key=self.config.api_key.get_secret_value() if self.config.api_key else None,
+            cors_origins=self.config.cors_origins,
         )
 
     async def encode(self, job: EncodeJob) -> EncodedTexts:

@@ -125,6 +125,25 @@ class M3Tokenizer:
             shorter, cut = longer, 2 * cut
         return self._tok.encode(text, add_special_tokens=True)
 
+    def add_specials(self, rows: Sequence[Sequence[int]], max_length: int, truncate: bool = True) -> list[np.ndarray]:
+        """Token ids given by the caller (no `<s>`/`</s>`) as `encode` returns a text's: within the
+        vocabulary, framed by `<s>`/`</s>`, truncated to `max_length` or InputTooLongError."""
+        bos, eos, vocab = self._tok.token_to_id("<s>"), self._tok.token_to_id("</s>"), self.vocab_size
+        framed = []
+        for index, row in enumerate(rows):
+            ids = np.asarray(row, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                raise InputError(f"token ids of input {index} must be in [0, {vocab}) (this model's vocabulary)")
+            if ids.size > max_length - 2:
+                if not truncate:
+                    raise InputTooLongError(
+                        f"input {index} has {ids.size} token ids; with <s> and </s> over max_length={max_length}; "
+                        "shorten it, raise max_length, or pass truncate=true"
+                    )
+                ids = ids[: max_length - 2]
+            framed.append(np.concatenate([[bos], ids, [eos]]).astype(np.int64))
+        return framed
+
     def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each text's token ids without `<s>`/`</s>` and untruncated, with their character spans
         `[n, 2]` into the text (leading whitespace that a `▁` token absorbs excluded). Thread-safe."""

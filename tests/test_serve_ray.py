@@ -20,6 +20,7 @@ pytest.importorskip("ray.serve")
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
 
+from m3rt.serve.loopback import listening_off_loopback  # noqa: E402
 from m3rt.serve.process import free_port, serving, wait_ready  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
@@ -165,8 +166,9 @@ def test_openai_client(server, tiny_model):
 
 
 def test_back_pressure_answers_503(tiny, tiny_model, tmp_path):
-    """More simultaneous requests than the replica takes (--max-ongoing) plus what its proxy queues
-    (--max-queued): the excess gets 503, the rest their right answers."""
+    """More simultaneous requests than the replica takes (--max-ongoing) plus what it queues
+    (--max-queued): the excess gets OpenAI's error JSON with 503 and Retry-After (the app's answer,
+    never Serve's plain-text one), the rest their right answers."""
     texts = [f"request text {i} " + "many words in a long text " * 20 for i in range(16)]
     reference = tiny_model.encode(texts, return_dense=True)["dense_vecs"]
     clients = 24
@@ -179,6 +181,9 @@ def test_back_pressure_answers_503(tiny, tiny_model, tmp_path):
             if response.status_code == 200:
                 got = np.array([item["dense"] for item in response.json()["data"]])
                 np.testing.assert_allclose(got, reference, atol=1e-5)
+            else:
+                assert response.headers["retry-after"] == "1", response.text
+                assert response.json()["error"]["code"] == "overloaded", response.text
             return response.status_code
 
         with ThreadPoolExecutor(clients) as threads:
@@ -195,6 +200,7 @@ def test_loopback_only_and_clean_sigint_shutdown(tiny, tmp_path):
         assert any("raylet" in " ".join(p.cmdline()) for p in tree), "Ray's processes are not children of the server"
         requests.post(f"{url}/v1/embeddings", json={"input": "traffic while we look"}, timeout=30)
         _assert_loopback_only(tree)
+        assert listening_off_loopback(proc.pid) == []  # the server's own check agrees
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0, log.read_text()[-3000:]
@@ -302,6 +308,9 @@ def test_application_builder_takes_serve_config_args():
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
     assert deployment.ray_actor_options["num_cpus"] == 2
     assert build_app({"artifact": "/a", "num_replicas": "2"})._bound_deployment.num_replicas == 2
+    # Overload is the app's to answer: replicas take more than it admits, Serve's own queue is far beyond.
+    options = build_app({"artifact": "/a", "max_ongoing_requests": 2, "max_queued_requests": 2})._bound_deployment
+    assert options.max_ongoing_requests > 4 and options.max_queued_requests > 1000
     with pytest.raises(ValueError, match="both min_replicas and max_replicas"):
         build_app({"artifact": "/a", "min_replicas": 1})
     with pytest.raises(ValueError, match="unknown_option"):

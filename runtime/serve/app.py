@@ -37,6 +37,7 @@ from m3rt.serve.protocol import (
     RerankRequest,
     ScoreRequest,
     as_texts,
+    as_token_ids,
     error_body,
     matrix,
     sparse,
@@ -324,6 +325,20 @@ def create_app(
             raise ApiError(400, f"{param} must be in [2, {served.max_length}], got {value}", "invalid_value", param)
         return value
 
+    def make_ids_job(rows: list[list[int]], max_length: int, truncate: bool, outputs: set[str]) -> EncodeJob:
+        if len(rows) > limits.max_inputs:
+            raise ApiError(
+                413,
+                f"input has {len(rows)} entries; at most {limits.max_inputs} per request",
+                "too_many_inputs",
+                "input",
+            )
+        try:
+            ids = served.tokenizer.add_specials(rows, max_length, truncate)
+        except InputError as exc:
+            raise api_error(exc, "input") from None
+        return EncodeJob(("",) * len(ids), tuple(ids), max_length, frozenset(outputs))
+
     async def make_job(texts: list[str], max_length: int, truncate: bool, outputs: set[str], param: str) -> EncodeJob:
         if not texts:
             raise ApiError(400, f"{param} is empty: pass at least one text", "empty_input", param)
@@ -380,7 +395,11 @@ def create_app(
             raise ApiError(400, message, "invalid_value", "dimensions")
         outputs = _outputs(dense=True, sparse=req.return_sparse, colbert=req.return_colbert)
         max_length = check_length(req.max_length, served.passage_max_length, "max_length")
-        job = await make_job(as_texts(req.input), max_length, req.truncate, outputs, "input")
+        rows = as_token_ids(req.input)
+        if rows is not None:
+            job = make_ids_job(rows, max_length, req.truncate, outputs)
+        else:
+            job = await make_job(as_texts(req.input), max_length, req.truncate, outputs, "input")
         check_size([job], req.return_colbert)
         (out,) = await run(job)
         data = []

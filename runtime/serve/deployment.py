@@ -18,12 +18,20 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 
+from m3rt.errors import M3Error
 from m3rt.serve.app import Limits, ServedModel, create_app
 from m3rt.serve.batching import Coalescer, EncodedTexts, EncodeJob, batch_size, encode_jobs, padded_tokens
+from m3rt.serve.loopback import is_loopback, listening_off_loopback
 from m3rt.serve.metrics import Metrics
 
 APP_NAME = "m3rt"
 LOOPBACK = "127.0.0.1"
+# Requests a replica takes beyond those its app admits: the ones it is answering 503 at that moment.
+_REFUSAL_HEADROOM = 64
+# Requests Serve's proxy holds while every replica is at its limit.
+_PROXY_QUEUE = 4096
+# How often a loopback server checks again what its processes listen on.
+_LOOPBACK_CHECK_S = 5.0
 
 
 class ServeConfig(BaseModel):
@@ -62,11 +70,23 @@ class ServeConfig(BaseModel):
     # Serve's log line per request (its replica log and the driver's console).
     access_log: bool = True
 
+    def admitted(self) -> int | None:
+        """Requests one replica's app takes at once before answering 503 itself (None: unbounded)."""
+        if self.max_queued_requests < 0:
+            return None
+        return self.max_ongoing_requests + self.max_queued_requests
+
     def deployment_options(self) -> dict[str, Any]:
+        # Overload is answered by the app (OpenAI's error JSON, 503, Retry-After), not by Serve, whose
+        # answer is plain text: a replica accepts more requests than the app admits, so the app's
+        # refusal comes first, and the proxy's queue is far past any load the replicas can refuse
+        # quickly (past it Serve still answers 503 with Retry-After, in plain text).
+        admitted = self.admitted()
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
+            "max_ongoing_requests": self.max_ongoing_requests if admitted is None else admitted + _REFUSAL_HEADROOM,
+            "max_queued_requests": -1 if admitted is None else _PROXY_QUEUE,
+            "backpressure_config": {"status_code": 503, "retry_after_s": 1},
             "logging_config": {"enable_access_log": self.access_log},
         }
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -156,7 +176,7 @@ class M3Deployment:
             limits=Limits(
                 self.config.max_body_bytes,
                 self.config.max_inputs,
-                self.config.max_ongoing_requests,
+                self.config.admitted() or 1 << 62,
                 max_request_tokens=self.config.max_request_tokens,
                 max_colbert_values=self.config.max_colbert_values,
                 part_tokens=self.config.max_batch_tokens,
@@ -228,9 +248,14 @@ def run_server(
     try:
         serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        check_loopback = is_loopback(host)
+        if check_loopback:
+            _refuse_off_loopback(host)
         print(f"m3rt serve: {config.model_name} ready at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         while True:
-            time.sleep(3600)
+            time.sleep(_LOOPBACK_CHECK_S if check_loopback else 3600)
+            if check_loopback:
+                _refuse_off_loopback(host)
     except KeyboardInterrupt:
         print("m3rt serve: shutting down", file=sys.stderr, flush=True)
     finally:
@@ -241,6 +266,19 @@ def run_server(
                 serve.delete(APP_NAME)
         finally:
             ray.shutdown()
+
+
+class OffLoopbackError(M3Error):
+    """A server asked to stay on loopback has a process listening elsewhere."""
+
+
+def _refuse_off_loopback(host: str) -> None:
+    """Raise (the server then stops Ray and exits non-zero) if any process of this server's tree
+    listens off loopback while `--host` is a loopback address."""
+    found = listening_off_loopback(os.getpid())
+    if found:
+        sockets = ", ".join(f"{name} (pid {pid}) on {ip}:{port}" for pid, name, ip, port in found)
+        raise OffLoopbackError(f"--host {host} is loopback, but these listen off loopback: {sockets}; refusing to run")
 
 
 def _keep_ray_on_loopback() -> None:

@@ -135,3 +135,18 @@ def test_request_timeout_is_504_json(tiny_model):
         response = client.post("/v1/embeddings", json={"input": "hello"})
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "timeout"
+
+
+def test_a_draining_app_refuses_new_work_with_json_503(tiny_model):
+    from m3rt.serve.app import Admission
+
+    admission = Admission()
+    served = ServedModel.of(tiny_model, "bge-m3")
+    with TestClient(create_app(served, LocalEncoder(tiny_model), admission=admission)) as client:
+        assert client.post("/v1/embeddings", json={"input": "before"}).status_code == 200
+        assert admission.pending == 0
+        admission.draining = True
+        refused = client.post("/v1/embeddings", json={"input": "after"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert client.get("/health").status_code == 200

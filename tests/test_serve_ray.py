@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -324,3 +325,35 @@ def test_cli_refuses_bad_options_before_starting_ray(tiny, tmp_path, capsys):
     assert "min_replicas and max_replicas" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 1
     assert "not an m3rt artifact" in capsys.readouterr().err
+
+
+def test_sigterm_drains_the_requests_in_progress(tiny, tiny_model, tmp_path):
+    """4 requests within the limits, SIGTERM while they run: all 4 get 200 with the right answers, a
+    request after the signal is refused with JSON 503 (or finds the server gone), and the server
+    exits 0 after it has drained."""
+    texts = [f"text {i} " + "long words of a passage to encode " * 60 for i in range(48)]
+    reference = tiny_model.encode(texts, return_dense=True)["dense_vecs"]
+    log = tmp_path / "server.log"
+    with _serving(tiny[1], log, "--drain-timeout", "120") as (proc, url):
+
+        def call(_):
+            return requests.post(f"{url}/v1/encode", json={"input": texts, "return_sparse": False}, timeout=180)
+
+        with ThreadPoolExecutor(4) as threads:
+            answers = threads.map(call, range(4))
+            time.sleep(1.0)  # all 4 are at the replica: 4 x 48 texts of ~900 tokens take several seconds
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            try:
+                late = requests.post(f"{url}/v1/encode", json={"input": "too late"}, timeout=60)
+            except requests.ConnectionError:
+                late = None
+            answers = list(answers)
+        assert proc.wait(180) == 0, log.read_text()[-3000:]
+    for response in answers:
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose([d["dense"] for d in response.json()["data"]], reference, atol=1e-5)
+    if late is not None:
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        assert late.headers["retry-after"] == "1"
+    assert "m3rt serve: drained" in log.read_text()

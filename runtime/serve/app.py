@@ -180,15 +180,25 @@ def _score_dict(scores: Mapping[str, np.ndarray], index: int) -> dict[str, float
     return {name: float(values[index]) for name, values in scores.items()}
 
 
-class _Accounting:
-    """ASGI middleware: 503 past `max_pending` requests of work in progress, metrics per route and
-    status, `headers` on every response (a plain ASGI wrapper: Starlette's `BaseHTTPMiddleware`
-    costs a task group and a stream per request)."""
+@dataclass
+class Admission:
+    """Requests of work in progress in this app, and whether it still takes new ones (a server that
+    drains before it stops: those in progress finish, new ones get 503)."""
 
-    def __init__(self, app: Any, *, limits: Limits, metrics: Metrics, headers: dict[str, str]) -> None:
-        self.app, self.limits, self.metrics = app, limits, metrics
+    pending: int = 0
+    draining: bool = False
+
+
+class _Accounting:
+    """ASGI middleware: 503 past `max_pending` requests of work in progress or while draining, metrics
+    per route and status, `headers` on every response (a plain ASGI wrapper: Starlette's
+    `BaseHTTPMiddleware` costs a task group and a stream per request)."""
+
+    def __init__(
+        self, app: Any, *, limits: Limits, metrics: Metrics, headers: dict[str, str], admission: Admission
+    ) -> None:
+        self.app, self.limits, self.metrics, self.admission = app, limits, metrics, admission
         self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        self.pending = 0
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -207,16 +217,21 @@ class _Accounting:
             await send(message)
 
         try:
-            if counted and self.pending >= self.limits.max_pending:
-                self.metrics.rejected.inc()
-                busy = ApiError(503, f"server busy: {self.pending} requests pending; retry later", "overloaded")
-                await busy.response()(scope, receive, send_with_headers)
+            admission = self.admission
+            if counted and admission.draining:
+                refused = ApiError(503, "server is shutting down; retry on another", "shutting_down")
+                await refused.response()(scope, receive, send_with_headers)
                 return
-            self.pending += counted
+            if counted and admission.pending >= self.limits.max_pending:
+                self.metrics.rejected.inc()
+                message = f"server busy: {admission.pending} requests pending; retry later"
+                await ApiError(503, message, "overloaded").response()(scope, receive, send_with_headers)
+                return
+            admission.pending += counted
             try:
                 await self.app(scope, receive, send_with_headers)
             finally:
-                self.pending -= counted
+                admission.pending -= counted
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -254,10 +269,12 @@ def create_app(
     ready: Callable[[], bool] | None = None,
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),
+    admission: Admission | None = None,
 ) -> FastAPI:
     """The API over `encoder`. `headers` go on every response (e.g. which node answered);
     `ready` decides /ready (default: always ready, the encoder exists); `api_key`: the Bearer key
-    every route but /health and /ready needs; `cors_origins`: browser origins allowed (none by default)."""
+    every route but /health and /ready needs; `cors_origins`: browser origins allowed (none by default);
+    `admission`: the app's count of work in progress and its draining switch, for its owner to watch."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
     extra_headers = dict(headers or {})
@@ -280,7 +297,9 @@ def create_app(
     # browser's preflight, which carries no key, is answered.
     if api_key:
         app.add_middleware(_ApiKey, key=api_key)
-    app.add_middleware(_Accounting, limits=limits, metrics=metrics, headers=extra_headers)
+    app.add_middleware(
+        _Accounting, limits=limits, metrics=metrics, headers=extra_headers, admission=admission or Admission()
+    )
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,

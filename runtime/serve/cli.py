@@ -47,6 +47,7 @@ def add_serve_parser(sub: Any) -> None:
     srv.add_argument(
         "--cors-origin", action="append", default=[], help="a browser origin allowed to call the API (repeatable)"
     )
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in progress")
     srv.add_argument("--no-access-log", action="store_true", help="no log line per request")
     srv.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact")
     srv.set_defaults(func=serve)
@@ -97,5 +98,6 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         proxy_location=args.proxy_location,
         node_ip_address=args.node_ip_address,
+        drain_timeout_s=args.drain_timeout,
     )
     return 0

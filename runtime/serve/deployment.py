@@ -13,14 +13,16 @@ import os
 import signal
 import sys
 import time
+import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 
 from m3rt.errors import M3Error
-from m3rt.serve.app import Limits, ServedModel, create_app
+from m3rt.serve.app import Admission, Limits, ServedModel, create_app
 from m3rt.serve.batching import Coalescer, EncodedTexts, EncodeJob, batch_size, encode_jobs, padded_tokens
+from m3rt.serve.drain import drain, report_forever, start_gate
 from m3rt.serve.loopback import is_loopback, listening_off_loopback
 from m3rt.serve.metrics import Metrics
 
@@ -67,6 +69,8 @@ class ServeConfig(BaseModel):
     # The Bearer key of every route but /health and /ready (None: no key), kept out of reprs and logs.
     api_key: SecretStr | None = None
     cors_origins: list[str] = Field(default_factory=list)
+    # The named actor replicas report to and learn from whether to drain (set by `m3rt serve`).
+    drain_gate: str | None = None
     # Serve's log line per request (its replica log and the driver's console).
     access_log: bool = True
 
@@ -160,6 +164,9 @@ class M3Deployment:
         self._coalescer = Coalescer(self._run_jobs, config.max_batch_tokens)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.admission = Admission()
+        if config.drain_gate:
+            report_forever(config.drain_gate, self.replica_id, self.admission)
 
     def __serve_build_asgi_app__(self):
         metadata = {
@@ -186,6 +193,7 @@ class M3Deployment:
             headers={"x-m3rt-node": self.node_id, "x-m3rt-replica": self.replica_id},
             api_key=self.config.api_key.get_secret_value() if self.config.api_key else None,
             cors_origins=self.config.cors_origins,
+            admission=self.admission,
         )
 
     async def encode(self, job: EncodeJob) -> EncodedTexts:
@@ -225,16 +233,20 @@ def run_server(
     port: int = 8000,
     proxy_location: str = "HeadOnly",
     node_ip_address: str | None = None,
+    drain_timeout_s: float = 30.0,
 ) -> None:
     """Deploy on a new local Ray instance (address None: every Ray service on 127.0.0.1, no dashboard,
     no usage statistics) or on the cluster at `address` (this driver on `node_ip_address` if given);
-    serve until SIGINT / SIGTERM, then remove the application (and stop the local instance)."""
+    serve until SIGINT / SIGTERM, then drain (new requests 503, those in progress finished, at most
+    `drain_timeout_s`; a second signal cuts it short), remove the application (and stop the local
+    instance)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     node_ip = node_ip_address or (LOOPBACK if address is None else None)
     if node_ip in ("127.0.0.1", "localhost", "::1"):
         _keep_ray_on_loopback()
+    config = config.model_copy(update={"drain_gate": f"drain-{uuid.uuid4().hex}"})
     app = build_app(config)  # bad settings fail before Ray starts
     if address is None:
         ray.init(_node_ip_address=node_ip, include_dashboard=False, num_cpus=_local_cpus(config))
@@ -245,7 +257,9 @@ def run_server(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    gate = None
     try:
+        gate = start_gate(config.drain_gate)
         serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         check_loopback = is_loopback(host)
@@ -257,7 +271,12 @@ def run_server(
             if check_loopback:
                 _refuse_off_loopback(host)
     except KeyboardInterrupt:
-        print("m3rt serve: shutting down", file=sys.stderr, flush=True)
+        print(f"m3rt serve: draining (at most {drain_timeout_s} s)", file=sys.stderr, flush=True)
+        try:
+            drained = gate is not None and drain(gate, drain_timeout_s)
+        except KeyboardInterrupt:
+            drained = False
+        print(f"m3rt serve: {'drained' if drained else 'not drained'}, shutting down", file=sys.stderr, flush=True)
     finally:
         try:
             if address is None:

@@ -228,10 +228,12 @@ class _Accounting:
                 await ApiError(503, message, "overloaded").response()(scope, receive, send_with_headers)
                 return
             admission.pending += counted
+            self.metrics.pending.set(admission.pending)
             try:
                 await self.app(scope, receive, send_with_headers)
             finally:
                 admission.pending -= counted
+                self.metrics.pending.set(admission.pending)
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -367,7 +369,9 @@ def create_app(
         try:
             # Always in a thread, however short the texts: the tokenizer's lock is shared with the
             # model's own tokenisation, and waiting for it on the event loop would stall every route.
+            started = time.perf_counter()
             ids = (await asyncio.to_thread(served.tokenizer.encode, texts, max_length, truncate)).ids
+            metrics.tokenize_seconds.observe(time.perf_counter() - started)
         except InputError as exc:
             raise api_error(exc, param) from None
         return EncodeJob(tuple(texts), tuple(ids), max_length, frozenset(outputs))

@@ -158,7 +158,7 @@ class M3Deployment:
             intra_op_threads=config.intra_op_threads,
         )
         self.model.encode(["warm up"], return_dense=True, return_sparse=True, return_colbert_vecs=True)
-        self.metrics = Metrics()
+        self.metrics = Metrics(cluster=True)
         self._encode_batch.set_max_batch_size(config.max_batch_tokens)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self._coalescer = Coalescer(self._run_jobs, config.max_batch_tokens)
@@ -210,7 +210,11 @@ class M3Deployment:
     def _run_jobs(self, jobs: list[EncodeJob]) -> list[EncodedTexts | Exception]:
         self.metrics.batch_jobs.observe(len(jobs))
         self.metrics.batch_tokens.observe(padded_tokens(jobs))
-        return encode_jobs(self.model, jobs)
+        started = time.perf_counter()
+        try:
+            return encode_jobs(self.model, jobs)
+        finally:
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
 
     def __del__(self) -> None:
         model = getattr(self, "model", None)

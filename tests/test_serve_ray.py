@@ -357,3 +357,71 @@ def test_sigterm_drains_the_requests_in_progress(tiny, tiny_model, tmp_path):
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
         assert late.headers["retry-after"] == "1"
     assert "m3rt serve: drained" in log.read_text()
+
+
+def _replicas(proc) -> list:
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "ServeReplica:m3rt" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_sigkill_of_one_replica_of_two_under_load(tiny, tiny_model, tmp_path):
+    """4 clients in a loop, one of two replicas killed: no request hangs, every failure is a 5xx, Serve
+    starts a new replica and the server answers 200 again. Prints the outcome counts (RESULTS.md)."""
+    texts = [f"text {i} with some words to encode" for i in range(8)]
+    reference = tiny_model.encode(texts, return_dense=True)["dense_vecs"]
+    with _serving(tiny[1], tmp_path / "server.log", "--replicas", "2", "--num-cpus", "0.5") as (proc, url):
+        deadline = time.monotonic() + 60
+        while len(_replicas(proc)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        before = _replicas(proc)
+        assert len(before) == 2
+        stop, outcomes = threading.Event(), []
+
+        def client(_):
+            session = requests.Session()
+            while not stop.is_set():
+                try:
+                    response = session.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60)
+                except requests.Timeout:
+                    outcomes.append(("hung", None))
+                    continue
+                except requests.ConnectionError:
+                    outcomes.append(("connection closed", None))
+                    continue
+                if response.status_code == 200:
+                    got = [item["embedding"] for item in response.json()["data"]]
+                    np.testing.assert_allclose(got, reference, atol=1e-5)
+                    outcomes.append((200, True))
+                else:
+                    is_json = response.headers.get("content-type", "").startswith("application/json")
+                    outcomes.append((response.status_code, is_json))
+
+        with ThreadPoolExecutor(4) as threads:
+            running = threads.map(client, range(4))
+            time.sleep(3)
+            before[0].send_signal(signal.SIGKILL)
+            time.sleep(8)
+            stop.set()
+            list(running)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            now = _replicas(proc)
+            if len(now) == 2 and before[0].pid not in {p.pid for p in now}:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("the killed replica did not come back within 120 s")
+        after = [requests.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60).status_code for _ in range(8)]
+    counts: dict = {}
+    for outcome in outcomes:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    print(f"replica SIGKILL under load: {counts}")
+    assert ("hung", None) not in counts
+    assert all(status == 200 or (isinstance(status, int) and status >= 500) for status, _ in counts), counts
+    assert after == [200] * 8

@@ -23,8 +23,9 @@ REPORT_S = 0.2
 SILENT_S = 3.0
 
 
-@ray.remote(num_cpus=0)
-class DrainGate:
+class GateState:
+    """What the gate actor holds: the drain switch and each replica's last report."""
+
     def __init__(self) -> None:
         self.draining = False
         self.drain_started = 0.0
@@ -42,6 +43,9 @@ class DrainGate:
         now = time.monotonic()
         live = [(at, pending) for at, pending in self.reports.values() if now - at < SILENT_S]
         return all(at > self.drain_started + REPORT_S and pending == 0 for at, pending in live)
+
+
+DrainGate = ray.remote(num_cpus=0)(GateState)
 
 
 def start_gate(name: str) -> Any:

@@ -142,7 +142,6 @@ class ColbertHead:
         return kernels.compact_colbert(values.ptr, values.shape, counts, fp16=self.dtype == np.float16)
 
 
-
 @dataclass(frozen=True)
 class HeadSpec:
     """One head's names and reduction.

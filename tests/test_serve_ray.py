@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -20,6 +21,7 @@ pytest.importorskip("ray.serve")
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
 
+from m3rt.serve.loopback import listening_off_loopback  # noqa: E402
 from m3rt.serve.process import free_port, serving, wait_ready  # noqa: E402
 
 from ray_cluster import assert_loopback_only, start_loopback_cluster  # noqa: E402
@@ -144,8 +146,9 @@ def test_openai_client(server, tiny_model):
 
 
 def test_back_pressure_answers_503(tiny, tiny_model, tmp_path):
-    """More simultaneous requests than the replica takes (--max-ongoing) plus what its proxy queues
-    (--max-queued): the excess gets 503, the rest their right answers."""
+    """More simultaneous requests than the replica takes (--max-ongoing) plus what it queues
+    (--max-queued): the excess gets OpenAI's error JSON with 503 and Retry-After (the app's answer,
+    never Serve's plain-text one), the rest their right answers."""
     texts = [f"request text {i} " + "many words in a long text " * 20 for i in range(16)]
     reference = tiny_model.encode(texts, return_dense=True)["dense_vecs"]
     clients = 24
@@ -158,6 +161,9 @@ def test_back_pressure_answers_503(tiny, tiny_model, tmp_path):
             if response.status_code == 200:
                 got = np.array([item["dense"] for item in response.json()["data"]])
                 np.testing.assert_allclose(got, reference, atol=1e-5)
+            else:
+                assert response.headers["retry-after"] == "1", response.text
+                assert response.json()["error"]["code"] == "overloaded", response.text
             return response.status_code
 
         with ThreadPoolExecutor(clients) as threads:
@@ -174,6 +180,7 @@ def test_loopback_only_and_clean_sigint_shutdown(tiny, tmp_path):
         assert any("raylet" in " ".join(p.cmdline()) for p in tree), "Ray's processes are not children of the server"
         requests.post(f"{url}/v1/embeddings", json={"input": "traffic while we look"}, timeout=30)
         assert_loopback_only(tree)
+        assert listening_off_loopback(proc.pid) == []  # the server's own check agrees
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0, log.read_text()[-3000:]
@@ -272,6 +279,9 @@ def test_application_builder_takes_serve_config_args():
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
     assert deployment.ray_actor_options["num_cpus"] == 2
     assert build_app({"artifact": "/a", "num_replicas": "2"})._bound_deployment.num_replicas == 2
+    # Overload is the app's to answer: replicas take more than it admits, Serve's own queue is far beyond.
+    options = build_app({"artifact": "/a", "max_ongoing_requests": 2, "max_queued_requests": 2})._bound_deployment
+    assert options.max_ongoing_requests > 4 and options.max_queued_requests > 1000
     with pytest.raises(ValueError, match="both min_replicas and max_replicas"):
         build_app({"artifact": "/a", "min_replicas": 1})
     with pytest.raises(ValueError, match="unknown_option"):
@@ -285,3 +295,103 @@ def test_cli_refuses_bad_options_before_starting_ray(tiny, tmp_path, capsys):
     assert "min_replicas and max_replicas" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 1
     assert "not an m3rt artifact" in capsys.readouterr().err
+
+
+def test_sigterm_drains_the_requests_in_progress(tiny, tiny_model, tmp_path):
+    """4 requests within the limits, SIGTERM while they run: all 4 get 200 with the right answers, a
+    request after the signal is refused with JSON 503 (or finds the server gone), and the server
+    exits 0 after it has drained."""
+    texts = [f"text {i} " + "long words of a passage to encode " * 60 for i in range(48)]
+    reference = tiny_model.encode(texts, return_dense=True)["dense_vecs"]
+    log = tmp_path / "server.log"
+    with _serving(tiny[1], log, "--drain-timeout", "120") as (proc, url):
+
+        def call(_):
+            return requests.post(f"{url}/v1/encode", json={"input": texts, "return_sparse": False}, timeout=180)
+
+        with ThreadPoolExecutor(4) as threads:
+            answers = threads.map(call, range(4))
+            time.sleep(1.0)  # all 4 are at the replica: 4 x 48 texts of ~900 tokens take several seconds
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            try:
+                late = requests.post(f"{url}/v1/encode", json={"input": "too late"}, timeout=60)
+            except requests.ConnectionError:
+                late = None
+            answers = list(answers)
+        assert proc.wait(180) == 0, log.read_text()[-3000:]
+    for response in answers:
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose([d["dense"] for d in response.json()["data"]], reference, atol=1e-5)
+    if late is not None:
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        assert late.headers["retry-after"] == "1"
+    assert "m3rt serve: drained" in log.read_text()
+
+
+def _replicas(proc) -> list:
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "ServeReplica:m3rt" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_sigkill_of_one_replica_of_two_under_load(tiny, tiny_model, tmp_path):
+    """4 clients in a loop, one of two replicas killed: no request hangs, every failure is a 5xx, Serve
+    starts a new replica and the server answers 200 again. Prints the outcome counts (RESULTS.md)."""
+    texts = [f"text {i} with some words to encode" for i in range(8)]
+    reference = tiny_model.encode(texts, return_dense=True)["dense_vecs"]
+    with _serving(tiny[1], tmp_path / "server.log", "--replicas", "2", "--num-cpus", "0.5") as (proc, url):
+        deadline = time.monotonic() + 60
+        while len(_replicas(proc)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        before = _replicas(proc)
+        assert len(before) == 2
+        stop, outcomes = threading.Event(), []
+
+        def client(_):
+            session = requests.Session()
+            while not stop.is_set():
+                try:
+                    response = session.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60)
+                except requests.Timeout:
+                    outcomes.append(("hung", None))
+                    continue
+                except requests.ConnectionError:
+                    outcomes.append(("connection closed", None))
+                    continue
+                if response.status_code == 200:
+                    got = [item["embedding"] for item in response.json()["data"]]
+                    np.testing.assert_allclose(got, reference, atol=1e-5)
+                    outcomes.append((200, True))
+                else:
+                    is_json = response.headers.get("content-type", "").startswith("application/json")
+                    outcomes.append((response.status_code, is_json))
+
+        with ThreadPoolExecutor(4) as threads:
+            running = threads.map(client, range(4))
+            time.sleep(3)
+            before[0].send_signal(signal.SIGKILL)
+            time.sleep(8)
+            stop.set()
+            list(running)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            now = _replicas(proc)
+            if len(now) == 2 and before[0].pid not in {p.pid for p in now}:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("the killed replica did not come back within 120 s")
+        after = [requests.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60).status_code for _ in range(8)]
+    counts: dict = {}
+    for outcome in outcomes:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    print(f"replica SIGKILL under load: {counts}")
+    assert ("hung", None) not in counts
+    assert all(status == 200 or (isinstance(status, int) and status >= 500) for status, _ in counts), counts
+    assert after == [200] * 8

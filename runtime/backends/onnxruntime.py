@@ -44,9 +44,7 @@ _OOM_MARKERS = (
 )
 
 
-def session_options(
-    intra_op_threads: int | None = None, config: Mapping[str, str] | None = None
-) -> ort.SessionOptions:
+def session_options(intra_op_threads: int | None = None, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:

@@ -10,22 +10,26 @@ large, 422 wrong types or fields, 503 too many requests pending; an `M3Error` is
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from m3rt.errors import InputError, M3Error, error_answer
 from m3rt.heads import HEADS, OUTPUT_DENSE, OUTPUT_SPARSE
 from m3rt.scoring import pair_scores
-from m3rt.serve.batching import OUTPUTS, EncodedTexts, EncodeJob
+from m3rt.serve.batching import OUTPUTS, EncodedTexts, EncodeJob, merge_encoded, split_job
 from m3rt.serve.metrics import Metrics
 from m3rt.serve.protocol import (
     EmbeddingsRequest,
@@ -33,6 +37,7 @@ from m3rt.serve.protocol import (
     RerankRequest,
     ScoreRequest,
     as_texts,
+    as_token_ids,
     error_body,
     matrix,
     sparse,
@@ -40,10 +45,14 @@ from m3rt.serve.protocol import (
 )
 from m3rt.tokenizer import M3Tokenizer
 
+logger = logging.getLogger("m3rt.serve")
+
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 ROUTES = ("/v1/embeddings", "/v1/encode", "/v1/rerank", "/v1/score", "/v1/models", "/health", "/ready", "/metrics")
 # Routes that queue work: the ones counted against `Limits.max_pending`.
 _WORK_ROUTES = frozenset(ROUTES[:4])
+# Routes a load balancer or orchestrator probes without a key.
+_OPEN_ROUTES = frozenset({"/health", "/ready"})
 
 
 class Encoder(Protocol):
@@ -87,6 +96,16 @@ class Limits:
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 2048  # texts, documents or pairs per request
     max_pending: int = 512  # requests in progress in this process before new ones get 503
+    # Tokens after truncation (specials included) of all a request's texts: embeddings, encode, rerank
+    # (query and documents) and score (both sides of every pair) alike.
+    max_request_tokens: int = 262144
+    # ColBERT floats one response may carry (tokens - 1 per text, x hidden size): 64 MiB as float32,
+    # several times that as JSON floats.
+    max_colbert_values: int = 1 << 24
+    # A request's texts go to the encoder in parts of at most this many padded tokens (the batch budget).
+    part_tokens: int = 16384
+    # From the first part sent to the encoder to the last result: past it, 504.
+    request_timeout_s: float = 300.0
 
 
 class ApiError(Exception):
@@ -100,9 +119,19 @@ class ApiError(Exception):
         return JSONResponse(error_body(self.message, kind, self.code, self.param), self.status, headers=headers)
 
 
+def internal_error(exc: BaseException, code: str = "internal_error") -> ApiError:
+    """A 500 whose details stay in the server's log: the body names only a request id to look them up by."""
+    request_id = uuid.uuid4().hex
+    logger.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc, exc_info=exc)
+    return ApiError(500, f"internal error (request id {request_id}); the server log has the details", code)
+
+
 def api_error(exc: M3Error, param: str | None = None) -> ApiError:
-    """An `M3Error` as the API answers it (`m3rt.errors.ERROR_ANSWERS`)."""
+    """An `M3Error` as the API answers it (`m3rt.errors.ERROR_ANSWERS`); a server fault (500) without
+    its text (`internal_error`), an overloaded server (503) with it."""
     answer = error_answer(exc)
+    if answer.http_status == 500:
+        return internal_error(exc, answer.code)
     message = f"{param}: {exc}" if param is not None else str(exc)
     return ApiError(answer.http_status, message, answer.code, param)
 
@@ -151,15 +180,25 @@ def _score_dict(scores: Mapping[str, np.ndarray], index: int) -> dict[str, float
     return {name: float(values[index]) for name, values in scores.items()}
 
 
-class _Accounting:
-    """ASGI middleware: 503 past `max_pending` requests of work in progress, metrics per route and
-    status, `headers` on every response (a plain ASGI wrapper: Starlette's `BaseHTTPMiddleware`
-    costs a task group and a stream per request)."""
+@dataclass
+class Admission:
+    """Requests of work in progress in this app, and whether it still takes new ones (a server that
+    drains before it stops: those in progress finish, new ones get 503)."""
 
-    def __init__(self, app: Any, *, limits: Limits, metrics: Metrics, headers: dict[str, str]) -> None:
-        self.app, self.limits, self.metrics = app, limits, metrics
+    pending: int = 0
+    draining: bool = False
+
+
+class _Accounting:
+    """ASGI middleware: 503 past `max_pending` requests of work in progress or while draining, metrics
+    per route and status, `headers` on every response (a plain ASGI wrapper: Starlette's
+    `BaseHTTPMiddleware` costs a task group and a stream per request)."""
+
+    def __init__(
+        self, app: Any, *, limits: Limits, metrics: Metrics, headers: dict[str, str], admission: Admission
+    ) -> None:
+        self.app, self.limits, self.metrics, self.admission = app, limits, metrics, admission
         self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        self.pending = 0
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -178,19 +217,48 @@ class _Accounting:
             await send(message)
 
         try:
-            if counted and self.pending >= self.limits.max_pending:
-                self.metrics.rejected.inc()
-                busy = ApiError(503, f"server busy: {self.pending} requests pending; retry later", "overloaded")
-                await busy.response()(scope, receive, send_with_headers)
+            admission = self.admission
+            if counted and admission.draining:
+                refused = ApiError(503, "server is shutting down; retry on another", "shutting_down")
+                await refused.response()(scope, receive, send_with_headers)
                 return
-            self.pending += counted
+            if counted and admission.pending >= self.limits.max_pending:
+                self.metrics.rejected.inc()
+                message = f"server busy: {admission.pending} requests pending; retry later"
+                await ApiError(503, message, "overloaded").response()(scope, receive, send_with_headers)
+                return
+            admission.pending += counted
+            self.metrics.pending.set(admission.pending)
             try:
                 await self.app(scope, receive, send_with_headers)
             finally:
-                self.pending -= counted
+                admission.pending -= counted
+                self.metrics.pending.set(admission.pending)
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+class _ApiKey:
+    """ASGI middleware: `Authorization: Bearer KEY` on every route but the probes, else 401 JSON."""
+
+    def __init__(self, app: Any, *, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        # Constant time: how much of a guess matches must not show in the answer's timing.
+        if not hmac.compare_digest(given, self.expected):
+            message = "missing or wrong API key: send Authorization: Bearer <key>"
+            refused = ApiError(401, message, "invalid_api_key").response()
+            refused.headers["WWW-Authenticate"] = "Bearer"
+            await refused(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def create_app(
@@ -201,9 +269,14 @@ def create_app(
     metrics: Metrics | None = None,
     headers: Mapping[str, str] | None = None,
     ready: Callable[[], bool] | None = None,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
+    admission: Admission | None = None,
 ) -> FastAPI:
     """The API over `encoder`. `headers` go on every response (e.g. which node answered);
-    `ready` decides /ready (default: always ready, the encoder exists)."""
+    `ready` decides /ready (default: always ready, the encoder exists); `api_key`: the Bearer key
+    every route but /health and /ready needs; `cors_origins`: browser origins allowed (none by default);
+    `admission`: the app's count of work in progress and its draining switch, for its owner to watch."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
     extra_headers = dict(headers or {})
@@ -220,10 +293,22 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        return ApiError(500, message, "internal_error").response()
+        return internal_error(exc).response()
 
-    app.add_middleware(_Accounting, limits=limits, metrics=metrics, headers=extra_headers)
+    # Inside accounting (added first), so refused keys show in the metrics; CORS outermost, so a
+    # browser's preflight, which carries no key, is answered.
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key)
+    app.add_middleware(
+        _Accounting, limits=limits, metrics=metrics, headers=extra_headers, admission=admission or Admission()
+    )
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     async def parse(request: Request, kind: type[RequestModel]) -> RequestModel:
         too_large = ApiError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
@@ -261,6 +346,20 @@ def create_app(
             raise ApiError(400, f"{param} must be in [2, {served.max_length}], got {value}", "invalid_value", param)
         return value
 
+    def make_ids_job(rows: list[list[int]], max_length: int, truncate: bool, outputs: set[str]) -> EncodeJob:
+        if len(rows) > limits.max_inputs:
+            raise ApiError(
+                413,
+                f"input has {len(rows)} entries; at most {limits.max_inputs} per request",
+                "too_many_inputs",
+                "input",
+            )
+        try:
+            ids = served.tokenizer.add_specials(rows, max_length, truncate)
+        except InputError as exc:
+            raise api_error(exc, "input") from None
+        return EncodeJob(("",) * len(ids), tuple(ids), max_length, frozenset(outputs))
+
     async def make_job(texts: list[str], max_length: int, truncate: bool, outputs: set[str], param: str) -> EncodeJob:
         if not texts:
             raise ApiError(400, f"{param} is empty: pass at least one text", "empty_input", param)
@@ -270,16 +369,42 @@ def create_app(
         try:
             # Always in a thread, however short the texts: the tokenizer's lock is shared with the
             # model's own tokenisation, and waiting for it on the event loop would stall every route.
+            started = time.perf_counter()
             ids = (await asyncio.to_thread(served.tokenizer.encode, texts, max_length, truncate)).ids
+            metrics.tokenize_seconds.observe(time.perf_counter() - started)
         except InputError as exc:
             raise api_error(exc, param) from None
         return EncodeJob(tuple(texts), tuple(ids), max_length, frozenset(outputs))
 
+    def check_size(jobs: list[EncodeJob], colbert_returned: bool) -> None:
+        """413 for a request over the token or response budget: after tokenising, before any model work."""
+        tokens = sum(job.num_tokens for job in jobs)
+        if tokens > limits.max_request_tokens:
+            message = (
+                f"request has {tokens} tokens after truncation; at most {limits.max_request_tokens} per request: "
+                "split it into several requests or lower max_length"
+            )
+            raise ApiError(413, message, "too_many_tokens")
+        if colbert_returned:
+            values = sum(length - 1 for job in jobs for length in job.lengths) * served.hidden_size
+            if values > limits.max_colbert_values:
+                message = (
+                    f"the ColBERT vectors asked for hold {values} floats; at most {limits.max_colbert_values} "
+                    "per response: ask for fewer texts or lower max_length"
+                )
+                raise ApiError(413, message, "response_too_large", "return_colbert")
+
+    async def run_job(job: EncodeJob) -> EncodedTexts:
+        return merge_encoded([await encoder.encode(part) for part in split_job(job, limits.part_tokens)])
+
     async def run(*jobs: EncodeJob) -> list[EncodedTexts]:
         try:
-            results = await asyncio.gather(*(encoder.encode(job) for job in jobs))
+            results = await asyncio.wait_for(asyncio.gather(*map(run_job, jobs)), limits.request_timeout_s)
         except M3Error as exc:
             raise api_error(exc) from None
+        except TimeoutError:
+            message = f"request not done within {limits.request_timeout_s} s; send fewer or shorter texts"
+            raise ApiError(504, message, "timeout") from None
         for job in jobs:
             metrics.texts.inc(len(job.texts))
             metrics.tokens.inc(job.num_tokens)
@@ -293,7 +418,12 @@ def create_app(
             raise ApiError(400, message, "invalid_value", "dimensions")
         outputs = _outputs(dense=True, sparse=req.return_sparse, colbert=req.return_colbert)
         max_length = check_length(req.max_length, served.passage_max_length, "max_length")
-        job = await make_job(as_texts(req.input), max_length, req.truncate, outputs, "input")
+        rows = as_token_ids(req.input)
+        if rows is not None:
+            job = make_ids_job(rows, max_length, req.truncate, outputs)
+        else:
+            job = await make_job(as_texts(req.input), max_length, req.truncate, outputs, "input")
+        check_size([job], req.return_colbert)
         (out,) = await run(job)
         data = []
         for i in range(len(job.texts)):
@@ -317,6 +447,7 @@ def create_app(
             raise ApiError(400, "ask for at least one of return_dense, return_sparse, return_colbert", "no_output")
         max_length = check_length(req.max_length, served.passage_max_length, "max_length")
         job = await make_job(as_texts(req.input), max_length, req.truncate, outputs, "input")
+        check_size([job], req.return_colbert)
         (out,) = await run(job)
         data = []
         for i in range(len(job.texts)):
@@ -372,6 +503,7 @@ def create_app(
         documents = req.document_texts()
         query_job = await make_job([req.query], q_len, True, everything, "query")
         docs_job = await make_job(documents, p_len, True, everything, "documents")
+        check_size([query_job, docs_job], False)
         query, docs = await run(query_job, docs_job)
         scores = weighted_scores(query, docs, len(documents), weights)
         combined = scores["colbert+sparse+dense"]
@@ -397,6 +529,7 @@ def create_app(
         p_len = check_length(req.max_passage_length, served.passage_max_length, "max_passage_length")
         query_job = await make_job([p[0] for p in req.pairs], q_len, True, everything, "pairs")
         passage_job = await make_job([p[1] for p in req.pairs], p_len, True, everything, "pairs")
+        check_size([query_job, passage_job], False)
         queries, passages = await run(query_job, passage_job)
         scores = weighted_scores(queries, passages, None, weights)
         data = [{"index": i, "scores": _score_dict(scores, i)} for i in range(len(req.pairs))]

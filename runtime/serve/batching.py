@@ -55,6 +55,33 @@ class EncodedTexts:
     colbert: list[np.ndarray] | None
 
 
+def split_job(job: EncodeJob, budget: int) -> list[EncodeJob]:
+    """`job` as consecutive parts of at most `budget` padded tokens each (a text longer than the budget
+    alone): a request's parts go to the model one after another, so other requests run between them."""
+    parts, start, longest = [], 0, 0
+    for i, length in enumerate(job.lengths):
+        if i > start and (i - start + 1) * max(longest, length) > budget:
+            parts.append(slice(start, i))
+            start, longest = i, 0
+        longest = max(longest, length)
+    parts.append(slice(start, len(job.texts)))
+    if len(parts) == 1:
+        return [job]
+    return [EncodeJob(job.texts[part], job.ids[part], job.max_length, job.outputs) for part in parts]
+
+
+def merge_encoded(parts: Sequence[EncodedTexts]) -> EncodedTexts:
+    """The outputs of a job's parts (`split_job`) as one job's, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return EncodedTexts(
+        dense=None if first.dense is None else np.concatenate([p.dense for p in parts]),
+        sparse=None if first.sparse is None else [row for p in parts for row in p.sparse],
+        colbert=None if first.colbert is None else [row for p in parts for row in p.colbert],
+    )
+
+
 def padded_tokens(jobs: Sequence[EncodeJob]) -> int:
     """Tokens of the padded batch the jobs make together: rows x longest row."""
     rows = sum(len(job.texts) for job in jobs)

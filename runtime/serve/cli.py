@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,21 @@ def add_serve_parser(sub: Any) -> None:
     srv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     srv.add_argument("--max-ongoing", type=int, default=64, help="requests in progress per replica")
     srv.add_argument("--max-queued", type=int, default=512, help="requests queued before 503 (-1: unbounded)")
+    srv.add_argument(
+        "--max-request-tokens", type=int, default=262144, help="tokens per request after truncation, else 413"
+    )
+    srv.add_argument("--max-colbert-values", type=int, default=1 << 24, help="ColBERT floats per response, else 413")
+    srv.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request, else 504")
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("M3RT_API_KEY"),
+        help="require Authorization: Bearer KEY on every route but /health and /ready "
+        "(default: $M3RT_API_KEY; prefer it, a command line is visible to every user of the machine)",
+    )
+    srv.add_argument(
+        "--cors-origin", action="append", default=[], help="a browser origin allowed to call the API (repeatable)"
+    )
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in progress")
     srv.add_argument("--no-access-log", action="store_true", help="no log line per request")
     srv.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact")
     srv.set_defaults(func=serve)
@@ -63,6 +79,11 @@ def serve(args: argparse.Namespace) -> int:
             max_ongoing_requests=args.max_ongoing,
             max_queued_requests=args.max_queued,
             access_log=not args.no_access_log,
+            max_request_tokens=args.max_request_tokens,
+            max_colbert_values=args.max_colbert_values,
+            request_timeout_s=args.request_timeout,
+            api_key=args.api_key or None,
+            cors_origins=args.cors_origin,
         )
         config.deployment_options()
     except (ValidationError, ValueError) as exc:
@@ -77,5 +98,6 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         proxy_location=args.proxy_location,
         node_ip_address=args.node_ip_address,
+        drain_timeout_s=args.drain_timeout,
     )
     return 0

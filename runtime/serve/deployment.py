@@ -13,17 +13,28 @@ import os
 import signal
 import sys
 import time
+import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 
-from m3rt.serve.app import Limits, ServedModel, create_app
+from m3rt.errors import M3Error
+from m3rt.ray_loopback import keep_ray_on_loopback
+from m3rt.serve.app import Admission, Limits, ServedModel, create_app
 from m3rt.serve.batching import Coalescer, EncodedTexts, EncodeJob, batch_size, encode_jobs, padded_tokens
+from m3rt.serve.drain import drain, report_forever, start_gate
+from m3rt.serve.loopback import is_loopback, listening_off_loopback
 from m3rt.serve.metrics import Metrics
 
 APP_NAME = "m3rt"
 LOOPBACK = "127.0.0.1"
+# Requests a replica takes beyond those its app admits: the ones it is answering 503 at that moment.
+_REFUSAL_HEADROOM = 64
+# Requests Serve's proxy holds while every replica is at its limit.
+_PROXY_QUEUE = 4096
+# How often a loopback server checks again what its processes listen on.
+_LOOPBACK_CHECK_S = 5.0
 
 
 class ServeConfig(BaseModel):
@@ -53,14 +64,34 @@ class ServeConfig(BaseModel):
     max_queued_requests: int = Field(default=512, ge=-1)
     max_body_bytes: int = Field(default=Limits.max_body_bytes, ge=1)
     max_inputs: int = Field(default=Limits.max_inputs, ge=1)
+    max_request_tokens: int = Field(default=Limits.max_request_tokens, ge=2)
+    max_colbert_values: int = Field(default=Limits.max_colbert_values, ge=0)
+    request_timeout_s: float = Field(default=Limits.request_timeout_s, gt=0)
+    # The Bearer key of every route but /health and /ready (None: no key), kept out of reprs and logs.
+    api_key: SecretStr | None = None
+    cors_origins: list[str] = Field(default_factory=list)
+    # The named actor replicas report to and learn from whether to drain (set by `m3rt serve`).
+    drain_gate: str | None = None
     # Serve's log line per request (its replica log and the driver's console).
     access_log: bool = True
 
+    def admitted(self) -> int | None:
+        """Requests one replica's app takes at once before answering 503 itself (None: unbounded)."""
+        if self.max_queued_requests < 0:
+            return None
+        return self.max_ongoing_requests + self.max_queued_requests
+
     def deployment_options(self) -> dict[str, Any]:
+        # Overload is answered by the app (OpenAI's error JSON, 503, Retry-After), not by Serve, whose
+        # answer is plain text: a replica accepts more requests than the app admits, so the app's
+        # refusal comes first, and the proxy's queue is far past any load the replicas can refuse
+        # quickly (past it Serve still answers 503 with Retry-After, in plain text).
+        admitted = self.admitted()
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
+            "max_ongoing_requests": self.max_ongoing_requests if admitted is None else admitted + _REFUSAL_HEADROOM,
+            "max_queued_requests": -1 if admitted is None else _PROXY_QUEUE,
+            "backpressure_config": {"status_code": 503, "retry_after_s": 1},
             "logging_config": {"enable_access_log": self.access_log},
         }
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -128,12 +159,15 @@ class M3Deployment:
             intra_op_threads=config.intra_op_threads,
         )
         self.model.encode(["warm up"], return_dense=True, return_sparse=True, return_colbert_vecs=True)
-        self.metrics = Metrics()
+        self.metrics = Metrics(cluster=True)
         self._encode_batch.set_max_batch_size(config.max_batch_tokens)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self._coalescer = Coalescer(self._run_jobs, config.max_batch_tokens)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.admission = Admission()
+        if config.drain_gate:
+            report_forever(config.drain_gate, self.replica_id, self.admission)
 
     def __serve_build_asgi_app__(self):
         metadata = {
@@ -147,9 +181,20 @@ class M3Deployment:
         return create_app(
             ServedModel.of(self.model, self.config.model_name, metadata),
             self,
-            limits=Limits(self.config.max_body_bytes, self.config.max_inputs, self.config.max_ongoing_requests),
+            limits=Limits(
+                self.config.max_body_bytes,
+                self.config.max_inputs,
+                self.config.admitted() or 1 << 62,
+                max_request_tokens=self.config.max_request_tokens,
+                max_colbert_values=self.config.max_colbert_values,
+                part_tokens=self.config.max_batch_tokens,
+                request_timeout_s=self.config.request_timeout_s,
+            ),
             metrics=self.metrics,
             headers={"x-m3rt-node": self.node_id, "x-m3rt-replica": self.replica_id},
+            api_key=self.config.api_key.get_secret_value() if self.config.api_key else None,
+            cors_origins=self.config.cors_origins,
+            admission=self.admission,
         )
 
     async def encode(self, job: EncodeJob) -> EncodedTexts:
@@ -166,7 +211,11 @@ class M3Deployment:
     def _run_jobs(self, jobs: list[EncodeJob]) -> list[EncodedTexts | Exception]:
         self.metrics.batch_jobs.observe(len(jobs))
         self.metrics.batch_tokens.observe(padded_tokens(jobs))
-        return encode_jobs(self.model, jobs)
+        started = time.perf_counter()
+        try:
+            return encode_jobs(self.model, jobs)
+        finally:
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
 
     def __del__(self) -> None:
         model = getattr(self, "model", None)
@@ -189,16 +238,20 @@ def run_server(
     port: int = 8000,
     proxy_location: str = "HeadOnly",
     node_ip_address: str | None = None,
+    drain_timeout_s: float = 30.0,
 ) -> None:
     """Deploy on a new local Ray instance (address None: every Ray service on 127.0.0.1, no dashboard,
     no usage statistics) or on the cluster at `address` (this driver on `node_ip_address` if given);
-    serve until SIGINT / SIGTERM, then remove the application (and stop the local instance)."""
+    serve until SIGINT / SIGTERM, then drain (new requests 503, those in progress finished, at most
+    `drain_timeout_s`; a second signal cuts it short), remove the application (and stop the local
+    instance)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     node_ip = node_ip_address or (LOOPBACK if address is None else None)
     if node_ip in ("127.0.0.1", "localhost", "::1"):
-        _keep_ray_on_loopback()
+        keep_ray_on_loopback()
+    config = config.model_copy(update={"drain_gate": f"drain-{uuid.uuid4().hex}"})
     app = build_app(config)  # bad settings fail before Ray starts
     if address is None:
         ray.init(_node_ip_address=node_ip, include_dashboard=False, num_cpus=_local_cpus(config))
@@ -209,14 +262,26 @@ def run_server(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    gate = None
     try:
+        gate = start_gate(config.drain_gate)
         serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        check_loopback = is_loopback(host)
+        if check_loopback:
+            _refuse_off_loopback(host)
         print(f"m3rt serve: {config.model_name} ready at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         while True:
-            time.sleep(3600)
+            time.sleep(_LOOPBACK_CHECK_S if check_loopback else 3600)
+            if check_loopback:
+                _refuse_off_loopback(host)
     except KeyboardInterrupt:
-        print("m3rt serve: shutting down", file=sys.stderr, flush=True)
+        print(f"m3rt serve: draining (at most {drain_timeout_s} s)", file=sys.stderr, flush=True)
+        try:
+            drained = gate is not None and drain(gate, drain_timeout_s)
+        except KeyboardInterrupt:
+            drained = False
+        print(f"m3rt serve: {'drained' if drained else 'not drained'}, shutting down", file=sys.stderr, flush=True)
     finally:
         try:
             if address is None:
@@ -227,15 +292,17 @@ def run_server(
             ray.shutdown()
 
 
-def _keep_ray_on_loopback() -> None:
-    """Ray replaces a loopback node address by the machine's interface address unless multi-node
-    clusters are off (its Windows/macOS mode): turn them off, here (Ray read the setting at import)
-    and for every process Ray starts (they read the environment), so all its services bind and dial
-    127.0.0.1 only."""
-    from ray._private import ray_constants
+class OffLoopbackError(M3Error):
+    """A server asked to stay on loopback has a process listening elsewhere."""
 
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
+
+def _refuse_off_loopback(host: str) -> None:
+    """Raise (the server then stops Ray and exits non-zero) if any process of this server's tree
+    listens off loopback while `--host` is a loopback address."""
+    found = listening_off_loopback(os.getpid())
+    if found:
+        sockets = ", ".join(f"{name} (pid {pid}) on {ip}:{port}" for pid, name, ip, port in found)
+        raise OffLoopbackError(f"--host {host} is loopback, but these listen off loopback: {sockets}; refusing to run")
 
 
 def _local_cpus(config: ServeConfig) -> int:

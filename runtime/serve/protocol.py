@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 Format = Literal["float", "base64"]
 SparseFormat = Literal["indices_values", "dict"]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+# One text as token ids of this model's vocabulary, without `<s>`/`</s>` (OpenAI's token-array input).
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 # NaN and infinities parse from JSON (Python's json module takes them) but no score can use them.
 Weight = Annotated[StrictFloat, Field(allow_inf_nan=False)] | StrictInt
 
@@ -23,16 +25,17 @@ class _Request(BaseModel):
 
 
 class EmbeddingsRequest(_Request):
-    """OpenAI's embeddings request; `return_sparse` / `return_colbert` add the other two outputs."""
+    """OpenAI's embeddings request; `return_sparse` / `return_colbert` add the other two outputs.
+    Like OpenAI's, input over the token limit is refused unless `truncate` is true."""
 
-    input: StrictStr | list[StrictStr]
+    input: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
     encoding_format: Format = "float"
     dimensions: PositiveInt | None = None
     user: StrictStr | None = None
     return_sparse: StrictBool = False
     return_colbert: StrictBool = False
     max_length: PositiveInt | None = None
-    truncate: StrictBool = True
+    truncate: StrictBool = False
 
 
 class EncodeRequest(_Request):
@@ -81,6 +84,15 @@ class ScoreRequest(_ScoreOptions):
 
 def as_texts(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
+
+
+def as_token_ids(value: Any) -> list[list[int]] | None:
+    """The rows of a token-id `input` (one row or several), or None for text input."""
+    if isinstance(value, list) and value and isinstance(value[0], int):
+        return [value]
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return value
+    return None
 
 
 def vector(values: np.ndarray, encoding: Format) -> list[float] | str:

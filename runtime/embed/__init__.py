@@ -8,7 +8,21 @@ ColBERT vectors, resumable, exactly once, on this machine or on a Ray cluster (e
 - `runner`: the job, here or on Ray (`ray_job`: Ray Data over an actor pool); `verify`: `--verify N`.
 """
 
-from m3rt.embed.runner import ClusterOptions, Summary, run_embed
-from m3rt.embed.worker import EmbedSettings
+from importlib import import_module
+from typing import Any
 
-__all__ = ["ClusterOptions", "EmbedSettings", "Summary", "run_embed"]
+_PUBLIC = {
+    "ClusterOptions": "m3rt.embed.runner",
+    "Summary": "m3rt.embed.runner",
+    "run_embed": "m3rt.embed.runner",
+    "EmbedSettings": "m3rt.embed.worker",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    # Looked up on use: the `m3rt` command imports this package for the verb's options, and its other
+    # verbs must run without the embed extra (pyarrow).
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'm3rt.embed' has no attribute {name!r}")

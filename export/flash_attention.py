@@ -96,10 +96,16 @@ def rewrite_attention(model: onnx.ModelProto, num_heads: int) -> int:
     count = 0
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
         add = produced(softmax.input[0], "Add")
-        div = next((producers.get(x) for x in add.input if producers.get(x) and producers[x].op_type == "Div"), None)
-        if div is None:
-            raise PatternError(f"{add.name}: scores are not divided by sqrt(head size)")
-        scores = produced(div.input[0], "MatMul")
+        # transformers 4 divides the scores by sqrt(head size); transformers 5 multiplies them by its inverse.
+        scaled = next(
+            (producers[x] for x in add.input if x in producers and producers[x].op_type in ("Div", "Mul")), None
+        )
+        if scaled is None:
+            raise PatternError(f"{add.name}: scores are not scaled by 1 / sqrt(head size)")
+        scores_in, factor_in = scaled.input
+        if scaled.op_type == "Mul" and getattr(producers.get(factor_in), "op_type", None) == "MatMul":
+            scores_in, factor_in = factor_in, scores_in
+        scores = produced(scores_in, "MatMul")
         q_t, k_t = produced(scores.input[0], "Transpose"), produced(scores.input[1], "Transpose")
         context = only_consumer(softmax.output[0], "MatMul")
         v_t = produced(context.input[1], "Transpose")
@@ -108,7 +114,8 @@ def rewrite_attention(model: onnx.ModelProto, num_heads: int) -> int:
         perms = (_perm(q_t), _perm(k_t), _perm(v_t), _perm(out_t))
         if perms != (heads_first, keys_transposed, heads_first, heads_first):
             raise PatternError(f"{softmax.name}: unexpected head transposes")
-        scale = 1.0 / _constant_value(graph, div.input[1], producers)
+        factor = _constant_value(graph, factor_in, producers)
+        scale = 1.0 / factor if scaled.op_type == "Div" else factor
         head_size = int(round(1.0 / scale**2))
         q4, k4, v4, out = q_t.input[0], k_t.input[0], v_t.input[0], out_t.output[0]
         p = f"flash/{count}/"

@@ -38,7 +38,8 @@ _ISA_FLAGS = (
 )
 
 
-def _proc_cpuinfo_flags() -> frozenset[str]:
+def proc_cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -69,7 +70,7 @@ def _numpy_cpu_features() -> dict[str, bool] | None:
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's int8-relevant feature flags, Linux-named (empty where nothing tells, e.g. macOS on ARM)."""
-    proc = _proc_cpuinfo_flags()
+    proc = proc_cpu_flags()
     features = _numpy_cpu_features()
     if features is None:
         return proc

@@ -84,6 +84,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "m3rt.core",
         "m3rt.device_array",
         "m3rt.errors",
+        "m3rt.int8_kernel",
         "m3rt.kernels.cuda_api",
         "m3rt.manifest",
         "m3rt.profiles",

@@ -24,6 +24,7 @@ import numpy as np
 
 from m3rt.core import Capabilities
 from m3rt.errors import ArtifactError, BackendError, BackendOutOfMemory, M3Error
+from m3rt.int8_kernel import proc_cpu_flags
 from m3rt.manifest import INPUT_NAMES, OUTPUT_NAMES, GraphInfo, Manifest
 
 PRECISIONS = ("fp32", "bf16")
@@ -42,14 +43,7 @@ def import_openvino() -> Any:
 
 def bf16_flags() -> frozenset[str]:
     """This CPU's native-bf16 flags (from /proc/cpuinfo; empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split()) & frozenset(BF16_FLAGS)
-    return frozenset()
+    return proc_cpu_flags() & frozenset(BF16_FLAGS)
 
 
 def bf16_unsupported_reason() -> str | None:
